@@ -1,0 +1,83 @@
+"""Command line: ``aggregator run``, ``aggregator check``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from aggregator import __version__, logs
+from aggregator.config import Config, ConfigError, load
+from aggregator.config.model import FileDestination, FirehoseDestination
+
+EXIT_CONFIG = 2
+DEFAULT_CONFIG = "conf/aggregator.toml"
+
+
+def describe(config: Config) -> str:
+    """The routing table and destinations, as ``check`` prints them."""
+    lines = ["sources:"]
+    for src in config.sources:
+        lines.append(f"  {src.name:<12} {src.type:<8} {src.bind}:{src.port}")
+    lines.append("routes (first match wins):")
+    for i, route in enumerate(config.routes, 1):
+        lines.append(f"  {i:>2}. {route.match!r:<32} -> {route.destination}")
+    if not config.routes:
+        lines.append("  (none: every event is counted as unmatched)")
+    lines.append("destinations:")
+    for name, dest in config.destinations.items():
+        detail = ""
+        if isinstance(dest, FirehoseDestination):
+            packing = "many events per record" if dest.aggregate else "one event per record"
+            region = dest.region or "default region"
+            endpoint = f", endpoint {dest.endpoint_url}" if dest.endpoint_url else ""
+            detail = f"stream {dest.delivery_stream!r} ({region}{endpoint}), {packing}"
+        elif isinstance(dest, FileDestination):
+            detail = f"directory {dest.path!r}"
+        b = dest.buffer
+        lines.append(f"  {name:<12} {dest.type:<9} {detail}".rstrip())
+        lines.append(
+            f"  {'':<12} buffer: chunk {b.chunk_limit_size} B / {b.chunk_limit_records} events / "
+            f"{b.flush_interval:g} s, total {b.total_limit_size} B, "
+            f"{b.flush_thread_count} concurrent flushes, on overflow {b.overflow_action}"
+        )
+        if dest.secondary:
+            lines.append(f"  {'':<12} secondary: {dest.secondary}")
+    return "\n".join(lines)
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"aggregator: configuration error in {path}:\n{exc}", file=sys.stderr)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="aggregator", description="Fluentd-compatible log aggregator for Kinesis Firehose."
+    )
+    parser.add_argument("--version", action="version", version=f"aggregator {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run in the foreground until SIGTERM/SIGINT")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
+    check = commands.add_parser("check", help="validate a config and print its routing table")
+    check.add_argument("-c", "--config", required=True, help="TOML config file")
+    args = parser.parse_args(argv)
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if args.command == "check":
+        print(describe(config))
+        return 0
+
+    from aggregator import worker  # the event loop and sinks are only needed to run
+
+    logs.setup(config.server.log_level)
+    return worker.run(config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""The configuration schema: every key a user can write, its default and its meaning.
+
+Names follow Fluentd's where Fluentd has the concept (``chunk_limit_size``, ``flush_interval``,
+``overflow_action``, ``retry_wait``...), so that a Fluentd user recognises them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from aggregator.config.units import parse_duration, parse_size
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds; written as a number of seconds or a string such as "500ms", "1s", "2m"."""
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+"""Bytes; written as a number of bytes or a string such as "64KiB", "1MiB", "2GiB"."""
+
+FIREHOSE_MAX_RECORD_BYTES = 1_000 * 1024
+"""Firehose refuses a record larger than 1,000 KiB (before base64)."""
+
+
+class Strict(BaseModel):
+    """Every config table: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+class ForwardSource(Strict):
+    """Fluentd forward protocol over TCP, with UDP heartbeats on the same port (as in_forward)."""
+
+    type: Literal["forward"]
+    name: str = Field("forward", description="Label for metrics and logs.")
+    bind: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(24224, ge=0, le=65535, description="TCP (and UDP heartbeat) port; 0 = any.")
+    message_length_limit: Size = Field(
+        32 * 1024 * 1024,
+        description="Largest forward message accepted (Fluentd's default, 32 MiB). A larger one "
+        "closes the connection and counts aggregator_input_errors_total{reason=message_too_large}.",
+    )
+    heartbeat: bool = Field(True, description="Answer UDP heartbeats on the same port.")
+
+
+class HttpSource(Strict):
+    """Fluentd in_http-compatible HTTP input, plus /api/health, /api/flush and /metrics."""
+
+    type: Literal["http"]
+    name: str = Field("http", description="Label for metrics and logs.")
+    bind: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8888, ge=0, le=65535, description="TCP port; 0 = any.")
+    body_size_limit: Size = Field(32 * 1024 * 1024, description="Largest request body accepted.")
+
+
+Source = Annotated[ForwardSource | HttpSource, Field(discriminator="type")]
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+class Route(Strict):
+    """Events whose tag matches ``match`` go to ``destination``; the first matching route wins."""
+
+    match: str = Field(
+        description="Fluentd tag patterns separated by spaces: '*' one tag part, '**' zero or "
+        "more parts, '{a,b}' alternatives."
+    )
+    destination: str = Field(description="Name of a [destinations.NAME] table.")
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> Route:
+        from aggregator.routing import compile_match  # the one place that knows tag patterns
+
+        compile_match(self.match)
+        return self
+
+
+# --- destinations ----------------------------------------------------------------------------
+
+
+class Inject(Strict):
+    """Fields added to every record before it is written, like Fluentd's <inject>."""
+
+    tag_key: str | None = Field(None, description="Key that receives the event's tag.")
+    time_key: str | None = Field(None, description="Key that receives the event's time.")
+    time_format: Literal["iso8601", "epoch", "epoch_ms"] = Field(
+        "iso8601",
+        description="iso8601: '2024-01-31T12:00:00.123Z' (UTC, milliseconds); epoch: seconds as a "
+        "float; epoch_ms: integer milliseconds.",
+    )
+
+
+class BufferSettings(Strict):
+    """One buffer per destination: chunks, limits, flushing and retries (Fluentd's <buffer>)."""
+
+    chunk_limit_size: Size = Field(1024 * 1024, gt=0, description="A chunk is flushed at this size.")
+    chunk_limit_records: int = Field(
+        100_000, gt=0, description="A chunk is flushed at this many events."
+    )
+    flush_interval: Duration = Field(1.0, gt=0, description="A chunk is flushed at this age.")
+    total_limit_size: Size = Field(
+        256 * 1024 * 1024, gt=0, description="Bytes buffered (queued + in flight) at most."
+    )
+    flush_thread_count: int = Field(
+        4, ge=1, le=256, description="Chunks being delivered at the same time."
+    )
+    overflow_action: Literal["block", "drop_oldest_chunk", "throw_exception"] = Field(
+        "block",
+        description="When total_limit_size is reached: block = stop reading from the senders "
+        "(TCP backpressure) until there is room; drop_oldest_chunk = discard the oldest queued "
+        "chunk (counted); throw_exception = refuse new events (no ack, HTTP 503).",
+    )
+    retry_wait: Duration = Field(1.0, gt=0, description="First retry delay (before jitter).")
+    retry_max_interval: Duration = Field(30.0, gt=0, description="Longest retry delay.")
+    retry_timeout: Duration = Field(
+        3600.0, gt=0, description="Give a chunk up after retrying this long."
+    )
+    retry_max_times: int | None = Field(
+        None, ge=0, description="Give a chunk up after this many retries (unset: no count limit)."
+    )
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> BufferSettings:
+        if self.total_limit_size < self.chunk_limit_size:
+            raise ValueError("total_limit_size must be at least chunk_limit_size")
+        return self
+
+
+class DestinationBase(Strict):
+    inject: Inject = Field(default_factory=Inject, description="Fields added to each record.")
+    buffer: BufferSettings = Field(default_factory=BufferSettings, description="Buffering.")
+    secondary: str | None = Field(
+        None,
+        description="Destination that receives events this one cannot deliver (retries "
+        "exhausted, refused by the service, shutdown deadline); typically a file destination.",
+    )
+
+
+class FirehoseDestination(DestinationBase):
+    """Kinesis Data Firehose PutRecordBatch."""
+
+    type: Literal["firehose"]
+    delivery_stream: str = Field(min_length=1, description="Delivery stream name.")
+    region: str | None = Field(
+        None, description="AWS region; unset: the standard chain (AWS_REGION...)."
+    )
+    endpoint_url: str | None = Field(
+        None, description="Custom endpoint (an emulator, a VPC endpoint); empty: AWS default."
+    )
+    aggregate: bool = Field(
+        False,
+        description="Pack many newline-delimited events into one Firehose record (up to "
+        "record_max_size): right for S3-bound streams. Off: one event per record, as "
+        "OpenSearch-bound streams need.",
+    )
+    record_max_size: Size = Field(
+        FIREHOSE_MAX_RECORD_BYTES,
+        gt=0,
+        le=FIREHOSE_MAX_RECORD_BYTES,
+        description="Largest Firehose record built (Firehose's limit is 1,000 KiB).",
+    )
+    request_timeout: Duration = Field(30.0, gt=0, description="One PutRecordBatch call, at most.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_endpoint_is_default(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("endpoint_url") == "":
+            data = {**data, "endpoint_url": None}
+        if isinstance(data, dict) and data.get("region") == "":
+            data = {**data, "region": None}
+        return data
+
+
+class FileDestination(DestinationBase):
+    """Newline-delimited JSON files in a directory, rotated by size."""
+
+    type: Literal["file"]
+    path: str = Field(description="Directory (created if missing).")
+    prefix: str = Field("events", description="File names: PREFIX.<start time>.<n>.ndjson.")
+    rotate_size: Size = Field(
+        64 * 1024 * 1024, gt=0, description="A file is closed (renamed) at this size."
+    )
+
+
+class StdoutDestination(DestinationBase):
+    """One JSON line per event on standard output."""
+
+    type: Literal["stdout"]
+
+
+class NullDestination(DestinationBase):
+    """Discards events, counting them as delivered."""
+
+    type: Literal["null"]
+
+
+Destination = Annotated[
+    FirehoseDestination | FileDestination | StdoutDestination | NullDestination,
+    Field(discriminator="type"),
+]
+
+
+# --- server ----------------------------------------------------------------------------------
+
+
+class Server(Strict):
+    """Process-wide settings."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    drain_timeout: Duration = Field(
+        5.0, ge=0, description="On stop: longest wait for open connections to go quiet."
+    )
+    drain_quiet_period: Duration = Field(
+        0.5, ge=0, description="On stop: a connection silent this long is closed."
+    )
+    shutdown_timeout: Duration = Field(
+        100.0, gt=0, description="On stop: deadline for flushing every buffer (ECS allows 120 s)."
+    )
+    workers: int = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0)),
+        ge=1,
+        description="Worker processes (default: the CPUs available).",
+    )
+
+
+class Config(Strict):
+    server: Server = Field(default_factory=Server)  # type: ignore[arg-type]
+    sources: list[Source] = Field(min_length=1)
+    routes: list[Route] = Field(default_factory=list)
+    destinations: dict[str, Destination] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Config:
+        names = set(self.destinations)
+        for i, route in enumerate(self.routes):
+            if route.destination not in names:
+                raise ValueError(
+                    f"routes.{i}.destination: unknown destination {route.destination!r} "
+                    f"(defined: {', '.join(sorted(names))})"
+                )
+        for name, dest in self.destinations.items():
+            if dest.secondary is None:
+                continue
+            if dest.secondary not in names:
+                raise ValueError(
+                    f"destinations.{name}.secondary: unknown destination {dest.secondary!r}"
+                )
+            if dest.secondary == name:
+                raise ValueError(f"destinations.{name}.secondary: cannot be itself")
+            if self.destinations[dest.secondary].secondary is not None:
+                raise ValueError(
+                    f"destinations.{name}.secondary: {dest.secondary!r} has a secondary of its "
+                    "own; chains are not supported"
+                )
+        seen: set[tuple[str, int]] = set()
+        for src in self.sources:
+            if src.port and (src.bind, src.port) in seen:
+                raise ValueError(f"sources: two sources listen on {src.bind}:{src.port}")
+            seen.add((src.bind, src.port))
+        return self

@@ -1,0 +1,101 @@
+"""Fluentd tag patterns and the ordered route table.
+
+Pattern semantics are Fluentd's ``<match>``: a tag is dot-separated parts; ``*`` matches within
+one part, ``**`` matches zero or more parts (``a.**`` matches ``a`` and ``a.b.c``, ``**.a``
+matches ``a`` and ``b.a``), ``{x,y}`` matches either alternative (alternatives are patterns
+themselves), and several space-separated patterns in one ``match`` mean any of them.
+
+Patterns are compiled once into one anchored regular expression per route; the route chosen for
+a tag is cached, so steady traffic costs one dict lookup per message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+CACHE_LIMIT = 10_000
+"""Tags remembered; a sender inventing tags cannot grow memory past this."""
+
+
+class PatternError(ValueError):
+    pass
+
+
+def _translate(pattern: str, pos: int, in_braces: bool) -> tuple[str, int]:
+    """Regex source for ``pattern[pos:]`` up to the end, or to ',' / '}' inside braces."""
+    out: list[str] = []
+    n = len(pattern)
+    while pos < n:
+        c = pattern[pos]
+        if in_braces and c in ",}":
+            break
+        if c == "*":
+            if pattern.startswith("**", pos):
+                pos += 2
+                starts_part = pos == 2 or pattern[pos - 3] in "{,"
+                if starts_part and pattern.startswith(".", pos):
+                    out.append(r"(?:.*\.)?")  # '**.a' matches 'a' too
+                    pos += 1
+                else:
+                    out.append(".*")
+                continue
+            out.append(r"[^.]*")
+        elif c == "." and pattern.startswith("**", pos + 1):
+            out.append(r"(?:\..*)?")  # 'a.**' matches 'a' too
+            pos += 3
+            continue
+        elif c == "{":
+            alternatives: list[str] = []
+            pos += 1
+            while True:
+                alt, pos = _translate(pattern, pos, in_braces=True)
+                alternatives.append(alt)
+                if pos >= n:
+                    raise PatternError(f"unclosed '{{' in tag pattern {pattern!r}")
+                if pattern[pos] == "}":
+                    break
+                pos += 1  # past ','
+            out.append("(?:" + "|".join(alternatives) + ")")
+        elif c == "}":
+            raise PatternError(f"unbalanced '}}' in tag pattern {pattern!r}")
+        else:
+            out.append(re.escape(c))
+        pos += 1
+    return "".join(out), pos
+
+
+def compile_match(match: str) -> re.Pattern[str]:
+    """One regex for a route's ``match``: space-separated Fluentd patterns, any of which may match."""
+    patterns = match.split()
+    if not patterns:
+        raise PatternError("empty tag pattern")
+    sources = []
+    for pattern in patterns:
+        source, _ = _translate(pattern, 0, in_braces=False)
+        sources.append(source)
+    return re.compile("(?:" + "|".join(sources) + r")\Z")
+
+
+class Router(Generic[T]):
+    """Ordered (pattern, target) routes; ``route(tag)`` gives the first match's target or None."""
+
+    __slots__ = ("_cache", "_routes")
+
+    def __init__(self, routes: Sequence[tuple[str, T]]) -> None:
+        self._routes = [(compile_match(match), target) for match, target in routes]
+        self._cache: dict[str, T | None] = {}
+
+    def route(self, tag: str) -> T | None:
+        try:
+            return self._cache[tag]
+        except KeyError:
+            pass
+        target = next((t for regex, t in self._routes if regex.match(tag)), None)
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[tag] = target
+        return target

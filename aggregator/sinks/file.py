@@ -1,0 +1,77 @@
+"""Newline-delimited JSON files in a directory, rotated by size.
+
+The file being written is named ``PREFIX.<start>.w<worker>.<n>.ndjson.part``; at ``rotate_size``
+and at shutdown it is renamed without ``.part``. So a reader that takes ``*.ndjson`` only ever
+sees complete files, and every write is whole lines (one ``write`` per chunk), so even a
+``.part`` file holds only whole events, except after a crash mid-write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from aggregator.config.model import FileDestination
+from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
+
+PART_SUFFIX = ".part"
+
+
+class FileSink:
+    def __init__(self, settings: FileDestination, worker: int = 0) -> None:
+        self._dir = Path(settings.path)
+        self._prefix = settings.prefix
+        self._rotate_size = settings.rotate_size
+        self._worker = worker
+        self._lock = asyncio.Lock()
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._size = 0
+        self._seq = 0
+        self._started = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._dir.mkdir, parents=True, exist_ok=True)
+
+    async def write(self, lines: list[bytes]) -> WriteResult:
+        data = b"".join(lines)
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self._write, data)
+            except OSError as exc:  # disk full, permissions: may pass, and the buffer retries
+                raise RetryableError("file_error", f"{self._dir}: {exc}") from exc
+        return DELIVERED
+
+    async def close(self) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._finish)
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            self._open()
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._size += len(data)
+        if self._size >= self._rotate_size:
+            self._finish()
+
+    def _open(self) -> None:
+        self._seq += 1
+        name = f"{self._prefix}.{self._started}.w{self._worker}.{self._seq:05d}.ndjson"
+        self._path = self._dir / (name + PART_SUFFIX)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._size = 0
+
+    def _finish(self) -> None:
+        if self._fd is None or self._path is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        self._path.rename(self._path.with_name(self._path.name.removesuffix(PART_SUFFIX)))
+        self._path = None

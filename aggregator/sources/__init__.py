@@ -1,0 +1,1 @@
+"""Inputs: one module per source type."""

@@ -1,0 +1,176 @@
+"""The Fluentd forward input: TCP on 24224 (all four modes, acks) and UDP heartbeats.
+
+One :class:`ForwardConnection` per client, built on ``asyncio.Protocol``: bytes go into the
+sans-IO decoder, messages come out and are dispatched one by one. When a destination's buffer is
+full and blocks, the connection stops reading (TCP backpressure reaches the sender) and resumes
+with the same message once there is room. Bad input closes that one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, cast
+
+from aggregator import metrics
+from aggregator.config.model import ForwardSource
+from aggregator.formatting import InvalidEvent
+from aggregator.pipeline import Outcome, Pipeline
+from aggregator.protocol import ForwardDecoder, Message, ProtocolError, encode_ack
+from aggregator.sources.connections import ConnectionSet
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_REPLY = b"\x00"
+"""What Fluentd's in_forward answers to a UDP heartbeat."""
+
+
+class ForwardConnection(asyncio.Protocol):
+    def __init__(self, server: ForwardServer) -> None:
+        self._server = server
+        self._pipeline = server.pipeline
+        self._decoder = ForwardDecoder(server.settings.message_length_limit)
+        self._transport: asyncio.Transport | None = None
+        self._pending: Message | None = None  # the message waiting for buffer room
+        self._peer = "?"
+        self.last_activity = time.monotonic()
+        self._m_events = metrics.INPUT_EVENTS.labels(server.settings.name)
+        self._m_bytes = metrics.INPUT_BYTES.labels(server.settings.name)
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = self._transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        self._m_bytes.inc(len(data))
+        try:
+            self._decoder.receive_data(data)
+        except ProtocolError as exc:
+            self._refuse(exc.reason, str(exc))
+            return
+        if self._pending is None:
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too: a client that half-closes is done
+
+    # --- the work ---------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Dispatch buffered messages until the decoder needs more bytes or a buffer blocks."""
+        transport = self._transport
+        while transport is not None and not transport.is_closing():
+            message = self._pending
+            if message is None:
+                try:
+                    message = self._decoder.next_message()
+                except ProtocolError as exc:
+                    self._refuse(exc.reason, str(exc))
+                    return
+                if message is None:
+                    return
+            try:
+                outcome = self._pipeline.dispatch(message.tag, message.entries)
+            except InvalidEvent as exc:
+                self._refuse(exc.reason, str(exc))
+                return
+            if outcome is Outcome.BLOCKED:
+                self._pending = message
+                transport.pause_reading()
+                asyncio.get_running_loop().create_task(self._resume_when_room(message.tag))
+                return
+            self._pending = None
+            self._m_events.inc(len(message.entries))
+            if outcome is not Outcome.REJECTED and message.chunk is not None:
+                transport.write(encode_ack(message.chunk))
+
+    async def _resume_when_room(self, tag: str) -> None:
+        await self._pipeline.wait_for_room(tag)
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.resume_reading()
+        self._process()
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        metrics.INPUT_ERRORS.labels(self._server.settings.name, reason).inc()
+        log.warning(
+            "closing connection: bad input",
+            extra={"source": self._server.settings.name, "peer": self._peer, "reason": reason,
+                   "detail": detail[:200]},
+        )  # fmt: skip
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return self._pending is None
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class _HeartbeatProtocol(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self._transport is not None:
+            self._transport.sendto(HEARTBEAT_REPLY, addr)
+
+
+class ForwardServer:
+    def __init__(self, settings: ForwardSource, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.connections: ConnectionSet[ForwardConnection] = ConnectionSet(settings.name)
+        self._server: asyncio.Server | None = None
+        self._heartbeat: asyncio.DatagramTransport | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self, sock: Any = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._server = await loop.create_server(lambda: ForwardConnection(self), sock=sock)
+        else:
+            self._server = await loop.create_server(
+                lambda: ForwardConnection(self), self.settings.bind, self.settings.port,
+                reuse_address=True,
+            )  # fmt: skip
+        if self.settings.heartbeat:
+            self._heartbeat, _ = await loop.create_datagram_endpoint(
+                _HeartbeatProtocol, local_addr=(self.settings.bind, self.port)
+            )
+        log.info(
+            "forward input listening",
+            extra={"source": self.settings.name, "bind": self.settings.bind, "port": self.port},
+        )
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._heartbeat is not None:
+            self._heartbeat.close()
+
+    async def drain(self, quiet: float, timeout: float) -> None:
+        await self.connections.drain(quiet, timeout)

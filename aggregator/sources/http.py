@@ -1,0 +1,220 @@
+"""The HTTP input, compatible with Fluentd's in_http, plus the service's own endpoints.
+
+``POST /app.access`` (or ``/app/access``) carries events for tag ``app.access``: a ``json=`` or
+``msgpack=`` parameter in the query or a form body, or a JSON or msgpack body; an array is a
+batch; ``time=`` sets the event time (default now). Answers as in_http does: 200 with an empty
+body, 400 with the reason, 413 for a body over ``body_size_limit``; and 503 when the destination's
+buffer is full and refuses (``overflow_action = throw_exception``).
+
+Reserved paths: ``GET /api/health``, ``POST /api/flush``, ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgpack
+import orjson
+from aiohttp import web
+
+from aggregator import metrics
+from aggregator.config.model import HttpSource
+from aggregator.formatting import InvalidEvent
+from aggregator.pipeline import Outcome, Pipeline
+
+log = logging.getLogger(__name__)
+
+_MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _text(status: int, body: str = "") -> web.Response:
+    return web.Response(status=status, text=body, content_type="text/plain")
+
+
+def _bad_request(reason: str) -> web.Response:
+    return _text(400, f"400 Bad Request\n{reason}\n")
+
+
+def tag_from_path(path: str) -> str:
+    """``/app/access`` and ``/app.access`` are both tag ``app.access`` (in_http's rule)."""
+    return ".".join(part for part in path.split("/") if part)
+
+
+def _records(payload: Any) -> list[Any]:
+    if payload is None:
+        return []  # in_http skips a null record
+    records = payload if isinstance(payload, list) else [payload]
+    for record in records:
+        if not isinstance(record, dict):
+            raise BadRequest(f"an event must be a JSON object or msgpack map, not {type(record).__name__}")
+    return records
+
+
+def _event_time(raw: str | None, clock: Callable[[], float]) -> float:
+    if not raw:
+        return clock()
+    try:
+        t = float(raw)
+    except ValueError as exc:
+        raise BadRequest(f"time must be a number of seconds: {raw!r}") from exc
+    return t or clock()
+
+
+def _form(raw: str) -> dict[str, bytes]:
+    """Form or query parameters with their values as the exact bytes sent (latin-1 maps each
+    percent-escaped byte to one character), so binary msgpack survives."""
+    return {k: v.encode("latin-1") for k, v in parse_qsl(raw, keep_blank_values=True,
+                                                         encoding="latin-1")}  # fmt: skip
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+
+
+async def parse_events(request: web.Request, clock: Callable[[], float] = time.time) -> list[Any]:
+    """The ``[[time, record], ...]`` entries a request carries. Raises :class:`BadRequest`."""
+    params = _form(request.rel_url.raw_query_string)
+    content_type = request.content_type
+    body = b""
+    if content_type == "multipart/form-data":
+        for key, value in (await request.post()).items():
+            params[key] = value.file.read() if isinstance(value, web.FileField) else value.encode()
+    elif request.body_exists:
+        body = await request.read()
+        if content_type == "application/x-www-form-urlencoded":
+            params.update(_form(body.decode("latin-1")))
+            body = b""
+    try:
+        if "msgpack" in params:
+            payload = _unpack(params["msgpack"])
+        elif "json" in params:
+            payload = orjson.loads(params["json"])
+        elif content_type in _MSGPACK_TYPES:
+            payload = _unpack(body)
+        elif content_type == "application/x-ndjson":
+            payload = [orjson.loads(line) for line in body.splitlines() if line.strip()]
+        elif body:
+            payload = orjson.loads(body)
+        else:
+            raise BadRequest("'json' or 'msgpack' parameter is required")
+    except BadRequest:
+        raise
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise BadRequest(f"cannot parse the event: {exc}") from exc
+    raw_time = params.get("time")
+    t = _event_time(raw_time.decode("latin-1") if raw_time else None, clock)
+    return [[t, record] for record in _records(payload)]
+
+
+class HttpServer:
+    def __init__(self, settings: HttpSource, pipeline: Pipeline, drain_timeout: float = 5.0) -> None:
+        self.settings = settings
+        self._drain_timeout = drain_timeout
+        self.pipeline = pipeline
+        self.accepting = True
+        self._runner: web.AppRunner | None = None
+        self._site: web.BaseSite | None = None
+        self._m_events = metrics.INPUT_EVENTS.labels(settings.name)
+        self._m_bytes = metrics.INPUT_BYTES.labels(settings.name)
+
+    @property
+    def port(self) -> int:
+        assert self._runner is not None
+        addresses = self._runner.addresses
+        port: int = addresses[0][1]
+        return port
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.body_size_limit)
+        app.router.add_get("/api/health", self._health)
+        app.router.add_post("/api/flush", self._flush)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_route("*", "/{path:.*}", self._events)
+        return app
+
+    async def start(self, sock: Any = None) -> None:
+        self._runner = web.AppRunner(self._app(), handle_signals=False, access_log=None,
+                                     shutdown_timeout=self._drain_timeout)  # fmt: skip
+        await self._runner.setup()
+        if sock is not None:
+            self._site = web.SockSite(self._runner, sock)
+        else:
+            self._site = web.TCPSite(self._runner, self.settings.bind, self.settings.port,
+                                     reuse_address=True)  # fmt: skip
+        await self._site.start()
+        log.info(
+            "http input listening",
+            extra={"source": self.settings.name, "bind": self.settings.bind, "port": self.port},
+        )
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    async def drain(self) -> None:
+        """Stop listening, let requests in progress finish (up to the drain timeout), close the
+        rest."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "POST", "PUT"):
+            return _text(405, "405 Method Not Allowed\n")
+        tag = tag_from_path(request.path)
+        if not tag:
+            return _bad_request("the path must name a tag, e.g. POST /app.access")
+        if request.content_length:
+            self._m_bytes.inc(request.content_length)
+        try:
+            entries = await parse_events(request)
+        except BadRequest as exc:
+            metrics.INPUT_ERRORS.labels(self.settings.name, "bad_request").inc()
+            return _bad_request(str(exc))
+        if not entries:
+            return _text(200)
+        while True:
+            try:
+                outcome = self.pipeline.dispatch(tag, entries)
+            except InvalidEvent as exc:
+                metrics.INPUT_ERRORS.labels(self.settings.name, exc.reason).inc()
+                return _bad_request(str(exc))
+            if outcome is not Outcome.BLOCKED:
+                break
+            await self.pipeline.wait_for_room(tag)
+        self._m_events.inc(len(entries))
+        if outcome is Outcome.REJECTED:
+            return _text(503, "503 Service Unavailable\nbuffer full\n")
+        return _text(200)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        destinations = {
+            name: {
+                "buffered_bytes": dest.buffer.buffered_bytes,
+                "fill_ratio": round(dest.buffer.fill_ratio, 4),
+                "last_success": dest.buffer.last_success,
+            }
+            for name, dest in self.pipeline.destinations.items()
+        }
+        ok = self.accepting and self.pipeline.can_accept()
+        body = {"status": "ok" if ok else "unavailable", "destinations": destinations}
+        return web.Response(status=200 if ok else 503, body=orjson.dumps(body),
+                            content_type="application/json")  # fmt: skip
+
+    async def _flush(self, request: web.Request) -> web.Response:
+        self.pipeline.flush_all()
+        return web.Response(status=200, body=b'{"flushed":true}', content_type="application/json")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        response = web.Response(status=200, body=body)
+        response.headers["Content-Type"] = content_type
+        return response

@@ -1,0 +1,123 @@
+"""Config loading: env expansion, defaults, and errors that name the offending key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aggregator.cli import main
+from aggregator.config import ConfigError, load, loads
+from aggregator.config.model import FileDestination, FirehoseDestination
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MINIMAL = """
+[[sources]]
+type = "forward"
+
+[[routes]]
+match = "**"
+destination = "out"
+
+[destinations.out]
+type = "null"
+"""
+
+
+def error_of(text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        loads(text, env or {})
+    return str(info.value)
+
+
+def test_shipped_configs_are_valid() -> None:
+    default = load(ROOT / "conf" / "aggregator.toml", env={})
+    assert [s.port for s in default.sources] == [24224, 8888]
+    local = default.destinations["local"]
+    assert isinstance(local, FileDestination)
+    assert local.path == "./data"
+    assert local.inject.tag_key == "tag"
+    example = load(ROOT / "conf" / "firehose.example.toml", env={})
+    search, archive = example.destinations["search"], example.destinations["archive"]
+    assert isinstance(search, FirehoseDestination) and isinstance(archive, FirehoseDestination)
+    assert not search.aggregate and archive.aggregate
+    assert search.endpoint_url is None  # "${FIREHOSE_ENDPOINT:-}" means the AWS default
+    assert search.buffer.total_limit_size == 2 * 1024**3
+    assert search.buffer.flush_thread_count == 15
+
+
+def test_defaults() -> None:
+    config = loads(MINIMAL, {})
+    forward = config.sources[0]
+    assert (forward.bind, forward.port) == ("0.0.0.0", 24224)
+    assert config.server.shutdown_timeout == 100.0
+    assert config.destinations["out"].buffer.overflow_action == "block"
+
+
+def test_env_expansion() -> None:
+    text = MINIMAL.replace('type = "forward"', 'type = "forward"\nport = "${PORT}"').replace(
+        'type = "null"', 'type = "file"\npath = "${DIR:-/tmp/x}"\nprefix = "$${literal}"'
+    )
+    config = loads(text, {"PORT": "25000"})
+    assert config.sources[0].port == 25000
+    out = config.destinations["out"]
+    assert isinstance(out, FileDestination)
+    assert out.path == "/tmp/x"
+    assert out.prefix == "${literal}"
+    assert loads(text, {"PORT": "1", "DIR": "/data"}).destinations["out"].path == "/data"  # type: ignore[union-attr]
+
+
+def test_unset_variable_is_an_error() -> None:
+    text = MINIMAL.replace('type = "forward"', 'type = "forward"\nbind = "${BIND_ADDR}"')
+    assert "sources.0.bind: environment variable BIND_ADDR is not set" in error_of(text)
+
+
+def test_unknown_key_names_its_path() -> None:
+    text = MINIMAL.replace('type = "null"', 'type = "null"\n[destinations.out.buffer]\nflush_intreval = "1s"')
+    assert error_of(text) == "destinations.out.buffer.flush_intreval: unknown key"
+
+
+def test_bad_duration_names_its_path() -> None:
+    text = MINIMAL.replace('type = "null"', 'type = "null"\nbuffer = { flush_interval = "1x" }')
+    assert error_of(text).startswith("destinations.out.buffer.flush_interval: invalid duration '1x'")
+
+
+def test_missing_required_key() -> None:
+    text = MINIMAL.replace('type = "null"', 'type = "firehose"')
+    assert error_of(text) == "destinations.out.delivery_stream: required key is missing"
+
+
+def test_unknown_destination_type() -> None:
+    assert "destinations.out" in error_of(MINIMAL.replace('type = "null"', 'type = "kafka"'))
+
+
+def test_route_to_unknown_destination() -> None:
+    message = error_of(MINIMAL.replace('destination = "out"', 'destination = "nowhere"'))
+    assert "routes.0.destination: unknown destination 'nowhere'" in message
+
+
+def test_bad_pattern() -> None:
+    assert "routes.0" in error_of(MINIMAL.replace('match = "**"', 'match = "a.{b"'))
+
+
+def test_secondary_must_exist_and_not_chain() -> None:
+    text = MINIMAL.replace('type = "null"', 'type = "null"\nsecondary = "ghost"')
+    assert "destinations.out.secondary: unknown destination 'ghost'" in error_of(text)
+
+
+def test_invalid_toml() -> None:
+    assert "invalid TOML" in error_of("[[sources]\n")
+
+
+def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(MINIMAL)
+    assert main(["check", "-c", str(good)]) == 0
+    assert "'**'" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MINIMAL.replace('port', 'prot') + "\n[server]\nworkers = 0\n")
+    assert main(["check", "-c", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "server.workers" in err
+    assert main(["check", "-c", str(tmp_path / "missing.toml")]) == 2

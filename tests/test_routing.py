@@ -1,0 +1,80 @@
+"""Tag patterns against Fluentd's own match cases (test/test_match.rb) and route order."""
+
+from __future__ import annotations
+
+import pytest
+
+from aggregator.routing import CACHE_LIMIT, PatternError, Router, compile_match
+
+MATCHES = [
+    ("a", "a"), ("a.b", "a.b"),
+    ("a*", "a"), ("a*", "ab"), ("a*", "abc"),
+    ("*a", "a"), ("*a", "ba"), ("*a", "cba"),
+    ("*a*", "a"), ("*a*", "ba"), ("*a*", "ac"), ("*a*", "bac"),
+    ("a.*", "a.b"), ("a.*", "a.c"),
+    ("a.*.c", "a.b.c"), ("a.*.c", "a.c.c"),
+    ("a.**", "a"), ("a.**", "a.b"), ("a.**", "a.b.c"),
+    ("a**", "a"), ("a**", "ab"), ("a**", "abc"), ("a**", "a.b"), ("a**", "ab.c"),
+    ("a**", "ab.d.e"),
+    ("**.a", "a"), ("**.a", "b.a"), ("**.a", "cb.a"), ("**.a", "d.e.a"),
+    ("**a", "a"), ("**a", "ba"), ("**a", "c.ba"), ("**a", "b.a"), ("**a", "cb.a"),
+    ("**a", "d.e.a"),
+    ("a.{b,c}", "a.b"), ("a.{b,c}", "a.c"),
+    ("a.{b,c}.**", "a.b"), ("a.{b,c}.**", "a.c"),
+    ("a.{b.**,c}", "a.b"), ("a.{b.**,c}", "a.b.c"), ("a.{b.**,c}", "a.c"),
+    ("a.**.b", "a.b"), ("a.**.b", "a.x.b"), ("a.**.b", "a.x.y.b"),
+    ("**", "anything.at.all"), ("**", "x"),
+    ("frontend* api.**", "frontend"), ("frontend* api.**", "frontend-web"),
+    ("frontend* api.**", "api"), ("frontend* api.**", "api.v1.users"),
+    ("docker.{web,api}-*", "docker.web-1"),
+]  # fmt: skip
+
+NON_MATCHES = [
+    ("a", "b"), ("a.b", "aab"),
+    ("a*", "a.b"), ("a*", "ab.c"), ("a*", "ba"), ("*a", "ab"),
+    ("a.*", "ab"), ("a.*.c", "a.c"),
+    ("a.**", "ab"), ("a.**", "abc"), ("a.**", "ab.c"), ("a.**", "ab.d.e"),
+    ("**.a", "ba"), ("**.a", "c.ba"),
+    ("a.{b,c}", "a.d"), ("a.{b,c}.**", "a.d"), ("a.{b,c}.**", "a.cd"),
+    ("a.{b.**,c}", "a.c.d"),
+    ("a.**.b", "a.xb"),
+    ("frontend* api.**", "frontend.web"), ("frontend* api.**", "apis"),
+    ("health*", "app.health"),
+    ("a+b", "aab"), ("a(b)", "ab"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("pattern", "tag"), MATCHES)
+def test_pattern_matches(pattern: str, tag: str) -> None:
+    assert compile_match(pattern).match(tag)
+
+
+@pytest.mark.parametrize(("pattern", "tag"), NON_MATCHES)
+def test_pattern_does_not_match(pattern: str, tag: str) -> None:
+    assert not compile_match(pattern).match(tag)
+
+
+@pytest.mark.parametrize("pattern", ["a.{b,c", "a.b}", "", "   "])
+def test_invalid_patterns_are_errors(pattern: str) -> None:
+    with pytest.raises(PatternError):
+        compile_match(pattern)
+
+
+def test_first_matching_route_wins() -> None:
+    router = Router([("app.web", "exact"), ("app.*", "wild"), ("**", "rest")])
+    assert router.route("app.web") == "exact"
+    assert router.route("app.db") == "wild"
+    assert router.route("other") == "rest"
+
+
+def test_unmatched_tag_routes_nowhere() -> None:
+    router = Router([("frontend*", "search")])
+    assert router.route("backend") is None
+    assert router.route("backend") is None  # cached misses stay misses
+
+
+def test_cache_is_bounded() -> None:
+    router = Router([("**", "all")])
+    for i in range(CACHE_LIMIT + 10):
+        assert router.route(f"tag{i}") == "all"
+    assert len(router._cache) <= CACHE_LIMIT
