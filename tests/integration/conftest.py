@@ -1,0 +1,178 @@
+"""The real ``aggregator run`` process, started on free ports with a config a test writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    """A port free for TCP and UDP at the time of asking."""
+    while True:
+        with socket.socket() as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port: int = tcp.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+@dataclass
+class Aggregator:
+    proc: subprocess.Popen[bytes]
+    forward_port: int
+    http_port: int
+    data_dir: Path
+    log_path: Path
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.forward_port), timeout=timeout)
+        return sock
+
+    def logs(self) -> list[dict[str, Any]]:
+        entries = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                entries.append({"message": line, "level": "raw"})
+        return entries
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples called ``name`` whose labels include ``labels``, from
+        GET /metrics (0 when there are none)."""
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
+
+def read_ndjson(directory: Path, pattern: str = "*.ndjson*") -> list[dict[str, Any]]:
+    """Every event in the file destination's directory, complete and in-progress files."""
+    events = []
+    for path in sorted(directory.glob(pattern)):
+        events += [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+    return events
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+StartAggregator = Callable[..., Aggregator]
+
+
+@pytest.fixture
+def start_aggregator(tmp_path: Path) -> Iterator[StartAggregator]:
+    """``start(config_toml)``: runs the aggregator on that config, formatted with
+    ``{forward_port}``, ``{http_port}`` and ``{data_dir}``; waits until it is ready."""
+    started: list[Aggregator] = []
+
+    def start(config: str, env: dict[str, str] | None = None, ready_timeout: float = 20.0) -> Aggregator:
+        n = len(started)
+        forward_port, http_port = free_port(), free_port()
+        data_dir = tmp_path / f"data{n}"
+        path = tmp_path / f"aggregator{n}.toml"
+        path.write_text(
+            config.format(forward_port=forward_port, http_port=http_port, data_dir=data_dir)
+        )
+        log_path = tmp_path / f"aggregator{n}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aggregator", "run", "-c", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=log_path.open("wb"),
+            env={**os.environ, **(env or {})},
+        )
+        agg = Aggregator(proc, forward_port, http_port, data_dir, log_path)
+        started.append(agg)
+        ready = wait_for(
+            lambda: proc.poll() is not None or '"message":"ready"' in log_path.read_text(),
+            ready_timeout,
+        )
+        if not ready or proc.poll() is not None:
+            raise RuntimeError(f"aggregator did not start:\n{log_path.read_text()}")
+        return agg
+
+    yield start
+    for agg in started:
+        if agg.proc.poll() is None:
+            agg.proc.kill()
+            agg.proc.wait()
+
+
+BASE_CONFIG = """
+[server]
+drain_quiet_period = "100ms"
+drain_timeout = "2s"
+shutdown_timeout = "20s"
+
+[[sources]]
+type = "forward"
+bind = "127.0.0.1"
+port = {forward_port}
+
+[[sources]]
+type = "http"
+bind = "127.0.0.1"
+port = {http_port}
+"""
+
+FILE_CONFIG = BASE_CONFIG + """
+[[routes]]
+match = "health*"
+destination = "discard"
+
+[[routes]]
+match = "**"
+destination = "local"
+
+[destinations.discard]
+type = "null"
+
+[destinations.local]
+type = "file"
+path = "{data_dir}"
+inject = {{ tag_key = "tag", time_key = "time", time_format = "epoch" }}
+buffer = {{ flush_interval = "100ms" }}
+"""

@@ -1,0 +1,120 @@
+"""The HTTP input of the real process: Fluentd in_http compatibility and the service endpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import msgpack
+import pytest
+
+from tests.integration.conftest import FILE_CONFIG, Aggregator, StartAggregator, read_ndjson, wait_for
+
+HEALTH_CHECK_PATH = "/healthcheck?json=%7B%22log%22%3A+%22health+check%22%7D"
+
+
+@pytest.fixture
+def agg(start_aggregator: StartAggregator) -> Aggregator:
+    config = FILE_CONFIG.replace('match = "health*"', 'match = "health.internal"')
+    return start_aggregator(config)
+
+
+def request(
+    agg: Aggregator, path: str, data: bytes | None = None, content_type: str | None = None,
+    method: str | None = None,
+) -> tuple[int, bytes]:  # fmt: skip
+    req = urllib.request.Request(agg.http + path, data=data, method=method)
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def events_of(agg: Aggregator, count: int) -> list[dict[str, Any]]:
+    return wait_for(lambda: (e := read_ndjson(agg.data_dir)) and len(e) >= count and e) or []
+
+
+def test_container_health_check_gets_200_and_is_routed(agg: Aggregator) -> None:
+    assert request(agg, HEALTH_CHECK_PATH) == (200, b"")
+    if shutil.which("curl"):  # the exact command of the ECS container health check
+        out = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", agg.http + HEALTH_CHECK_PATH],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        assert out.stdout == "200"
+    events = events_of(agg, 1)
+    assert events[0]["tag"] == "healthcheck"
+    assert events[0]["log"] == "health check"
+
+
+def test_in_http_request_forms(agg: Aggregator) -> None:
+    form = urllib.parse.urlencode({"json": json.dumps({"form": 1}), "time": "1700000000.5"})
+    assert request(agg, "/app.form", form.encode(), "application/x-www-form-urlencoded")[0] == 200
+    packed = urllib.parse.urlencode({"msgpack": msgpack.packb({"mp_form": 1})}, encoding="latin-1")
+    assert request(agg, "/app.form", packed.encode(), "application/x-www-form-urlencoded")[0] == 200
+    assert request(agg, "/app/json", b'{"body": 1}', "application/json")[0] == 200
+    assert request(agg, "/app.batch", b'[{"b": 1}, {"b": 2}]', "application/json")[0] == 200
+    assert request(agg, "/app.mp", msgpack.packb([{"m": 1}, {"m": 2}]), "application/msgpack")[0] == 200
+    assert request(agg, "/app.nd", b'{"nd": 1}\n{"nd": 2}\n', "application/x-ndjson")[0] == 200
+    query = urllib.parse.urlencode({"json": '{"q": 1}', "time": "1700000000"})
+    assert request(agg, "/app.query?" + query, method="POST")[0] == 200
+    events = events_of(agg, 10)
+    by_tag: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_tag.setdefault(e["tag"], []).append(e)
+    assert {e.get("form", e.get("mp_form")) for e in by_tag["app.form"]} == {1}
+    assert next(e for e in by_tag["app.form"] if "form" in e)["time"] == 1700000000.5
+    assert by_tag["app.json"][0]["body"] == 1  # /app/json is tag app.json
+    assert sorted(e["b"] for e in by_tag["app.batch"]) == [1, 2]
+    assert sorted(e["m"] for e in by_tag["app.mp"]) == [1, 2]
+    assert sorted(e["nd"] for e in by_tag["app.nd"]) == [1, 2]
+    assert by_tag["app.query"][0]["time"] == 1700000000
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "content_type"),
+    [
+        ("/app", b"{not json", "application/json"),
+        ("/app", b'"a string"', "application/json"),
+        ("/app", b"[1, 2]", "application/json"),
+        ("/app", None, None),
+        ("/", b'{"a": 1}', "application/json"),
+        ("/app?time=soon&json=%7B%7D", None, None),
+    ],
+)
+def test_bad_requests_get_400_with_a_reason(
+    agg: Aggregator, path: str, body: bytes | None, content_type: str | None
+) -> None:
+    status, text = request(agg, path, body, content_type)
+    assert status == 400
+    assert text.startswith(b"400 Bad Request\n") and len(text) > len(b"400 Bad Request\n")
+
+
+def test_body_over_the_limit_gets_413(start_aggregator: StartAggregator) -> None:
+    agg = start_aggregator(FILE_CONFIG.replace("port = {http_port}", 'port = {http_port}\nbody_size_limit = "1KiB"'))
+    assert request(agg, "/app", b'{"a": "' + b"x" * 4096 + b'"}', "application/json")[0] == 413
+
+
+def test_health_flush_and_metrics(start_aggregator: StartAggregator) -> None:
+    agg = start_aggregator(FILE_CONFIG.replace('flush_interval = "100ms"', 'flush_interval = "1h"'))
+    assert request(agg, "/app", b'{"a": 1}', "application/json")[0] == 200
+    status, body = request(agg, "/api/health")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok"
+    assert health["destinations"]["local"]["buffered_bytes"] > 0
+    assert read_ndjson(agg.data_dir) == []  # the hour-long interval holds it
+    assert request(agg, "/api/flush", b"", method="POST")[0] == 200
+    assert events_of(agg, 1)[0]["a"] == 1
+    status, text = request(agg, "/metrics")
+    assert status == 200
+    assert b"aggregator_input_events_total" in text
+    assert agg.metric("aggregator_input_events_total", source="http") == 1
+    assert agg.metric("aggregator_output_events_total", destination="local") == 1

@@ -1,0 +1,80 @@
+"""Encoding events to JSON lines, with and without inject, and the repair of bad input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import orjson
+import pytest
+
+from aggregator.config.model import Inject
+from aggregator.formatting import Formatter, InvalidEvent
+
+PLAIN = Formatter(Inject())
+
+
+def decode(lines: list[bytes]) -> list[Any]:
+    assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in lines)
+    return [orjson.loads(line) for line in lines]
+
+
+def test_plain_records_and_total_size() -> None:
+    lines, nbytes = PLAIN.encode("t", [[1, {"log": "a"}], [2, {"log": "b", "n": 3}]])
+    assert decode(lines) == [{"log": "a"}, {"log": "b", "n": 3}]
+    assert nbytes == sum(map(len, lines))
+
+
+def test_inject_tag_and_iso_time() -> None:
+    fmt = Formatter(Inject(tag_key="tag", time_key="time"))
+    lines, _ = fmt.encode("app.web", [[1700000000.25, {"log": "x"}], [1700000001, {"log": "y"}]])
+    assert decode(lines) == [
+        {"log": "x", "tag": "app.web", "time": "2023-11-14T22:13:20.250Z"},
+        {"log": "y", "tag": "app.web", "time": "2023-11-14T22:13:21.000Z"},
+    ]
+
+
+@pytest.mark.parametrize(("fmt", "expected"), [("epoch", 1700000000.5), ("epoch_ms", 1700000000500)])
+def test_epoch_formats(fmt: Any, expected: float) -> None:
+    lines, _ = Formatter(Inject(time_key="ts", time_format=fmt)).encode("t", [[1700000000.5, {}]])
+    assert decode(lines) == [{"ts": expected}]
+
+
+def test_missing_or_zero_time_means_now() -> None:
+    fmt = Formatter(Inject(time_key="ts", time_format="epoch"), clock=lambda: 42.0)
+    lines, _ = fmt.encode("t", [[0, {}], [None, {}], ["junk", {}]])
+    assert decode(lines) == [{"ts": 42.0}] * 3
+
+
+def test_invalid_utf8_is_replaced_not_dropped() -> None:
+    # What the msgpack decoder gives for a str holding invalid UTF-8.
+    raw = b'\x81\xa3log\xa4ab\xff\xfe'
+    record = msgpack.unpackb(raw, raw=False, unicode_errors="surrogateescape")
+    for fmt in (PLAIN, Formatter(Inject(tag_key="tag"))):
+        lines, _ = fmt.encode("t", [[1, dict(record)]])
+        assert decode(lines)[0]["log"] == "ab\ufffd\ufffd"
+
+
+def test_bytes_and_ext_values_are_encoded() -> None:
+    lines, _ = PLAIN.encode("t", [[1, {"b": b"hi\xff", "e": msgpack.ExtType(5, b"\x01")}]])
+    assert decode(lines) == [{"b": "hi\ufffd", "e": {"ext_type": 5, "data": "01"}}]
+
+
+def test_non_string_keys() -> None:
+    lines, _ = PLAIN.encode("t", [[1, {1: "one"}]])
+    assert decode(lines) == [{"1": "one"}]
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [[[1, "not a map"]], [[1]], ["flat"], [[1, {"ok": 1}], [1, [1, 2]]], [None]],
+)
+def test_malformed_entries_refuse_the_message(entries: Any) -> None:
+    for fmt in (PLAIN, Formatter(Inject(tag_key="tag", time_key="time"))):
+        with pytest.raises(InvalidEvent):
+            fmt.encode("t", entries)
+
+
+def test_extra_entry_elements_are_ignored() -> None:
+    lines, _ = PLAIN.encode("t", [[1, {"a": 1}, "extra"]])
+    assert decode(lines) == [{"a": 1}]
