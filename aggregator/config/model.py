@@ -6,7 +6,6 @@ Names follow Fluentd's where Fluentd has the concept (``chunk_limit_size``, ``fl
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -220,11 +219,6 @@ class Server(Strict):
     )
     shutdown_timeout: Duration = Field(
         100.0, gt=0, description="On stop: deadline for flushing every buffer (ECS allows 120 s)."
-    )
-    workers: int = Field(
-        default_factory=lambda: len(os.sched_getaffinity(0)),
-        ge=1,
-        description="Worker processes (default: the CPUs available).",
     )
 
 

@@ -116,8 +116,8 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["check", "-c", str(good)]) == 0
     assert "'**'" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
-    bad.write_text(MINIMAL.replace('port', 'prot') + "\n[server]\nworkers = 0\n")
+    bad.write_text(MINIMAL + "\n[server]\nshutdown_timeout = 0\n")
     assert main(["check", "-c", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "server.workers" in err
+    assert "server.shutdown_timeout" in err
     assert main(["check", "-c", str(tmp_path / "missing.toml")]) == 2
