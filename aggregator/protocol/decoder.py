@@ -1,0 +1,296 @@
+"""The server side of the Fluentd forward protocol, sans-IO: bytes in, :class:`Message` out.
+
+The four modes of the Forward Protocol Specification v1, told apart by the type of the second
+element as Fluentd's in_forward does::
+
+    Message                  [tag, time, record, option?]
+    Forward                  [tag, [[time, record], ...], option?]
+    PackedForward            [tag, bin|str of concatenated msgpack entries, option?]
+    CompressedPackedForward  PackedForward whose payload is gzip, with option compressed="gzip"
+
+A top-level ``nil`` is a client heartbeat (in_forward ignores it), so it is skipped. The
+HELO/PING/PONG handshake and in_forward's JSON mode are not handled here.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+import zlib
+from typing import Any, NoReturn
+
+import msgpack
+
+from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, Message, ProtocolError
+
+DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
+"""Fluentd's default chunk limit; a larger message closes the connection."""
+
+_unpack_event_time = struct.Struct(">II").unpack  # seconds, nanoseconds
+_GZIP_WBITS = 31  # zlib's spelling of "gzip header and trailer, not raw deflate or zlib"
+_PLAIN_COMPRESSED = (None, "text")  # out_forward sends compressed="text" when not compressing
+_NEED_DATA: Any = object()
+_NIL = b"\xc0"
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    # Called once per EventTime entry, so the common case is tested first and kept short.
+    if code == EVENT_TIME_EXT_TYPE and len(data) == 8:
+        seconds, nanoseconds = _unpack_event_time(data)
+        return seconds + nanoseconds / 1e9
+    if code == EVENT_TIME_EXT_TYPE:
+        raise ProtocolError("bad_shape", f"EventTime must be 8 bytes, got {len(data)}")
+    return msgpack.ExtType(code, data)
+
+
+def _new_unpacker(max_size: int) -> Any:
+    # surrogateescape: no string ever fails to decode (records pass through as sent), and a
+    # PackedForward payload sent as str can be turned back into its exact bytes.
+    return msgpack.Unpacker(
+        raw=False,
+        unicode_errors="surrogateescape",
+        strict_map_key=False,
+        ext_hook=_ext_hook,
+        max_buffer_size=max_size,
+    )
+
+
+def _is_size_limit(exc: ValueError) -> bool:
+    # msgpack reports a container or string header longer than its limits this way; such a
+    # header promises more bytes than the size limit allows, so it is the size, not the format.
+    return "exceeds max_" in str(exc)
+
+
+class ForwardDecoder:
+    """Decodes one connection's byte stream into messages.
+
+    Feed bytes with :meth:`receive_data`, then call :meth:`next_message` until it returns
+    ``None``. A caller may stop pulling while messages are still buffered (backpressure) and
+    resume later. After a :class:`ProtocolError` the decoder is dead: every call raises again.
+    """
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be positive")
+        self._max = max_message_size
+        self._unpacker = _new_unpacker(max_message_size)
+        self._next = self._unpacker.__next__
+        self._fed = 0  # stream offset of the end of the bytes fed so far
+        # Stream offset where the next message starts. Not unpacker.tell() itself: that also
+        # moves through a message that is only partly received.
+        self._start = 0
+        # Bytes received but not yet given to the unpacker, which holds at most the limit.
+        self._backlog: deque[bytes] = deque()
+        self._error: ProtocolError | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes received but not yet returned as a message (non-zero at EOF: a cut message)."""
+        return self._fed - self._start + sum(map(len, self._backlog))
+
+    def receive_data(self, data: bytes) -> None:
+        self._check_alive()
+        if not data:
+            return
+        if not self._backlog and self._fed - self._start + len(data) <= self._max:
+            self._feed(data)  # the common case: it all fits
+        else:
+            self._backlog.append(data)
+            self._feed_backlog()
+
+    def next_message(self) -> Message | None:
+        self._check_alive()
+        try:
+            while True:
+                obj = self._unpack_next()
+                if obj is _NEED_DATA:
+                    if not self._backlog:
+                        return None
+                    if self._fed - self._start >= self._max:
+                        # The message being decoded alone fills the limit and is not done.
+                        raise ProtocolError("message_too_large", f"over {self._max} bytes")
+                    self._feed_backlog()
+                    continue
+                end = self._unpacker.tell()
+                nbytes = end - self._start
+                self._start = end
+                if obj is not None:  # nil is a heartbeat
+                    return parse_message(obj, nbytes, self._max)
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:  # unreachable: callers keep within the limit; a backstop
+            self._fail(ProtocolError("message_too_large", f"over {self._max} bytes buffered"))
+        self._fed += len(data)
+
+    def _feed_backlog(self) -> None:
+        """Move received bytes into the unpacker as far as the limit allows. The limit is on one
+        message, not on a read: complete messages ahead of a big one are decoded first."""
+        while self._backlog:
+            room = self._max - (self._fed - self._start)
+            if room <= 0:
+                return
+            data = self._backlog[0]
+            if len(data) <= room:
+                self._backlog.popleft()
+                self._feed(data)
+            else:
+                self._backlog[0] = data[room:]
+                self._feed(data[:room])
+
+    def _unpack_next(self) -> Any:
+        try:
+            return self._next()
+        except StopIteration:
+            return _NEED_DATA
+        except msgpack.BufferFull as exc:
+            raise ProtocolError("message_too_large", f"over {self._max} bytes") from exc
+        except ValueError as exc:  # FormatError, StackError, bad timestamp, limits
+            if _is_size_limit(exc):
+                raise ProtocolError("message_too_large", str(exc)) from exc
+            raise ProtocolError("not_msgpack", _describe(exc)) from exc
+        except TypeError as exc:  # a map key that Python cannot hash (array or map)
+            raise ProtocolError("not_msgpack", _describe(exc)) from exc
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise ProtocolError(self._error.reason, f"decoder failed earlier: {self._error.detail}")
+
+    def _fail(self, exc: ProtocolError) -> NoReturn:
+        self._error = exc
+        raise exc
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def parse_message(obj: Any, nbytes: int, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Message:
+    """Turn one decoded top-level msgpack object into a :class:`Message` (any mode)."""
+    if type(obj) is not list or not 2 <= len(obj) <= 4:
+        raise ProtocolError("bad_shape", f"expected an array of 2 to 4 items, got {_kind(obj)}")
+    tag = _parse_tag(obj[0])
+    second = obj[1]
+    kind = type(second)
+    if kind is list:
+        _check_length(obj, 2, 3, "Forward")
+        return Message(tag, second, _parse_chunk(_option(obj, 2)), nbytes)
+    if kind is bytes or kind is str:
+        _check_length(obj, 2, 3, "PackedForward")
+        option = _option(obj, 2)
+        entries = _unpack_entries(_payload_bytes(second, option, max_size))
+        return Message(tag, entries, _parse_chunk(option), nbytes)
+    # bool is an int subclass, hence the exact type tests; an EventTime is a float by now
+    if kind is int or kind is float:
+        _check_length(obj, 3, 4, "Message")
+        return Message(tag, [[second, obj[2]]], _parse_chunk(_option(obj, 3)), nbytes)
+    raise ProtocolError("bad_shape", f"second element is {_kind(second)}: no such mode")
+
+
+def _kind(obj: object) -> str:
+    if type(obj) is list:
+        return f"an array of {len(obj)}"
+    return type(obj).__name__
+
+
+def _check_length(obj: list[Any], low: int, high: int, mode: str) -> None:
+    if not low <= len(obj) <= high:
+        raise ProtocolError("bad_shape", f"{mode} mode takes {low} or {high} items, not {len(obj)}")
+
+
+def _parse_tag(tag: object) -> str:
+    if type(tag) is str:
+        if not tag:
+            raise ProtocolError("bad_tag", "empty tag")
+        if tag.isascii():
+            return tag
+        # Invalid UTF-8 arrived as lone surrogates; a tag is routed on and written out, so
+        # it gets the visible replacement character instead.
+        return tag.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if type(tag) is bytes:  # a bin tag: Ruby makes no str/bin difference, so in_forward takes it
+        if not tag:
+            raise ProtocolError("bad_tag", "empty tag")
+        return tag.decode("utf-8", "replace")
+    raise ProtocolError("bad_tag", f"tag is {_kind(tag)}, not a string")
+
+
+def _option(obj: list[Any], index: int) -> dict[Any, Any] | None:
+    if len(obj) <= index:
+        return None
+    option = obj[index]
+    if option is None or type(option) is dict:
+        return option
+    raise ProtocolError("bad_shape", f"option is {_kind(option)}, not a map")
+
+
+def _parse_chunk(option: dict[Any, Any] | None) -> str | None:
+    if option is None:
+        return None
+    chunk = option.get("chunk")
+    if chunk is None or type(chunk) is str:
+        return chunk
+    if type(chunk) is bytes:
+        # surrogateescape so that encode_ack gives the client back exactly the bytes it sent
+        return chunk.decode("utf-8", "surrogateescape")
+    raise ProtocolError("bad_shape", f"chunk option is {_kind(chunk)}, not a string")
+
+
+def _payload_bytes(payload: bytes | str, option: dict[Any, Any] | None, max_size: int) -> bytes:
+    raw = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else payload
+    compressed = None if option is None else option.get("compressed")
+    if compressed in _PLAIN_COMPRESSED:
+        return raw
+    if compressed == "gzip":
+        return gunzip(raw, max_size)
+    raise ProtocolError("bad_compression", f"unknown compressed={compressed!r}")
+
+
+def gunzip(data: bytes, limit: int) -> bytes:
+    """Decompress one or more concatenated gzip members, refusing output beyond ``limit``.
+
+    Fluentd compresses each buffer chunk append separately, so a payload is often several
+    members; the cap stops a small payload from expanding without bound (a gzip bomb).
+    """
+    parts: list[bytes] = []
+    total = 0
+    while data:
+        member = zlib.decompressobj(wbits=_GZIP_WBITS)
+        try:
+            # one byte over the remaining room is enough to know the limit is exceeded
+            out = member.decompress(data, limit - total + 1)
+        except zlib.error as exc:
+            raise ProtocolError("bad_compression", f"gzip: {exc}") from exc
+        total += len(out)
+        if total > limit:
+            raise ProtocolError("message_too_large", f"gzip payload inflates past {limit} bytes")
+        if not member.eof:
+            raise ProtocolError("bad_compression", "gzip: truncated member")
+        parts.append(out)
+        data = member.unused_data
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _unpack_entries(payload: bytes) -> list[list[Any]]:
+    """Decode a PackedForward payload: a stream of msgpack ``[time, record]`` entries."""
+    if not payload:
+        return []
+    # A fresh unpacker sized to this payload: a per-connection one would keep its largest
+    # buffer (up to the size limit) alive for the connection's whole life.
+    unpacker = _new_unpacker(len(payload) + len(_NIL))
+    unpacker.feed(payload)
+    try:
+        entries: list[list[Any]] = list(unpacker)
+        # tell() cannot show a cut last entry: it also counts the bytes of a partial object.
+        # A nil appended after a clean end decodes as itself; after a partial object it is
+        # swallowed into that object (a nil is one byte, so it can never be the partial one).
+        unpacker.feed(_NIL)
+        clean_end = next(unpacker, _NEED_DATA) is None
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError("bad_shape", f"PackedForward entries: {_describe(exc)}") from exc
+    if not clean_end:
+        raise ProtocolError("bad_shape", "PackedForward entries: the last entry is cut short")
+    return entries

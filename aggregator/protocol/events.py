@@ -1,0 +1,51 @@
+"""What the forward protocol decoder hands out: decoded messages, and the one error it raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+EVENT_TIME_EXT_TYPE = 0
+"""The msgpack ext type code of Fluentd's EventTime (shared by the decoder and the encoder)."""
+
+ProtocolErrorReason = Literal[
+    "not_msgpack",
+    "bad_shape",
+    "bad_tag",
+    "message_too_large",
+    "bad_compression",
+]
+PROTOCOL_ERROR_REASONS: tuple[ProtocolErrorReason, ...] = get_args(ProtocolErrorReason)
+"""Every reason, so a metric can be given each label up front."""
+
+
+@dataclass(slots=True)
+class Message:
+    """One forward message: one tag for many entries, which is why routing works per message.
+
+    ``entries`` are ``[time, record]`` pairs exactly as decoded and not checked one by one:
+    the formatter does that later, per event, so Forward mode costs no Python work per entry.
+    ``time`` is an int, a float, or float seconds converted from an EventTime.
+    """
+
+    tag: str
+    entries: list[list[Any]]
+    chunk: str | None
+    """The ``chunk`` option: when set, the server must answer ``encode_ack(chunk)``."""
+    nbytes: int
+    """Size of this message on the wire."""
+
+
+class ProtocolError(Exception):
+    """Input that is not the forward protocol; the connection that sent it must be closed.
+
+    ``reason`` is a small fixed set (a Prometheus label); ``detail`` is for humans and logs.
+    """
+
+    def __init__(self, reason: ProtocolErrorReason, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason: ProtocolErrorReason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
