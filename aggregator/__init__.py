@@ -1,3 +1,3 @@
-"""aggregator: a Fluentd-compatible log aggregator that batches records into Kinesis Data Firehose."""
+"""aggregator: a Fluentd-compatible log aggregator that batches events into Kinesis Firehose."""
 
 __version__ = "0.1.0"

@@ -170,7 +170,9 @@ class Buffer:
     # --- the output side --------------------------------------------------------------------
 
     def start(self) -> None:
-        self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"buffer:{self.name}")
+        self._runner = asyncio.get_running_loop().create_task(
+            self._run(), name=f"buffer:{self.name}"
+        )
 
     def flush_now(self) -> None:
         """Seal the open chunk so it is delivered without waiting for its interval."""
@@ -317,7 +319,8 @@ class Buffer:
         self.dropped += len(lines)
         metrics.DROPPED_EVENTS.labels(self.name, reason).inc(len(lines))
         log.error(
-            "events dropped", extra={"destination": self.name, "reason": reason, "events": len(lines)}
+            "events dropped",
+            extra={"destination": self.name, "reason": reason, "events": len(lines)},
         )
 
     @property

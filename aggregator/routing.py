@@ -69,7 +69,7 @@ def _translate(pattern: str, pos: int, in_braces: bool) -> tuple[str, int]:
 
 
 def compile_match(match: str) -> re.Pattern[str]:
-    """One regex for a route's ``match``: space-separated Fluentd patterns, any of which may match."""
+    """One regex for a route's ``match``: space-separated Fluentd patterns, any may match."""
     patterns = match.split()
     if not patterns:
         raise PatternError("empty tag pattern")

@@ -48,9 +48,7 @@ class Worker:
             if isinstance(settings, ForwardSource):
                 self.forward.append(ForwardServer(settings, self.pipeline))
             elif isinstance(settings, HttpSource):
-                self.http.append(
-                    HttpServer(settings, self.pipeline, config.server.drain_timeout)
-                )
+                self.http.append(HttpServer(settings, self.pipeline, config.server.drain_timeout))
         self._stop = asyncio.Event()
         self._stopping = False
 
@@ -108,7 +106,9 @@ async def serve(config: Config, on_ready: Callable[[Worker], None] | None = None
     worker = Worker(config)
     install_signals(worker, asyncio.get_running_loop())
     await worker.start()
-    ports = {s.settings.name: s.port for s in [*worker.forward, *worker.http]}
+    ports = {s.settings.name: s.port for s in worker.forward} | {
+        s.settings.name: s.port for s in worker.http
+    }
     log.info("ready", extra={"ports": ports, "pid": os.getpid()})
     if on_ready is not None:
         on_ready(worker)

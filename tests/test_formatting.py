@@ -34,7 +34,9 @@ def test_inject_tag_and_iso_time() -> None:
     ]
 
 
-@pytest.mark.parametrize(("fmt", "expected"), [("epoch", 1700000000.5), ("epoch_ms", 1700000000500)])
+@pytest.mark.parametrize(
+    ("fmt", "expected"), [("epoch", 1700000000.5), ("epoch_ms", 1700000000500)]
+)
 def test_epoch_formats(fmt: Any, expected: float) -> None:
     lines, _ = Formatter(Inject(time_key="ts", time_format=fmt)).encode("t", [[1700000000.5, {}]])
     assert decode(lines) == [{"ts": expected}]
@@ -48,7 +50,7 @@ def test_missing_or_zero_time_means_now() -> None:
 
 def test_invalid_utf8_is_replaced_not_dropped() -> None:
     # What the msgpack decoder gives for a str holding invalid UTF-8.
-    raw = b'\x81\xa3log\xa4ab\xff\xfe'
+    raw = b"\x81\xa3log\xa4ab\xff\xfe"
     record = msgpack.unpackb(raw, raw=False, unicode_errors="surrogateescape")
     for fmt in (PLAIN, Formatter(Inject(tag_key="tag"))):
         lines, _ = fmt.encode("t", [[1, dict(record)]])

@@ -37,7 +37,9 @@ def expand(value: str, env: Mapping[str, str], where: str) -> str:
             return default
         if found is not None:
             return found
-        raise ConfigError(f"{where}: environment variable {name} is not set (use ${{{name}:-default}})")
+        raise ConfigError(
+            f"{where}: environment variable {name} is not set (use ${{{name}:-default}})"
+        )
 
     return _VAR.sub(substitute, value)
 
@@ -56,9 +58,9 @@ def _key_path(data: Any, loc: tuple[int | str, ...]) -> str:
     """``loc`` as the user wrote it: pydantic adds union tags (``firehose``) that are not keys."""
     parts: list[str] = []
     for i, part in enumerate(loc):
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+        in_dict = isinstance(data, dict) and part in data
+        in_list = isinstance(data, list) and isinstance(part, int) and part < len(data)
+        if in_dict or in_list:
             data = data[part]
         elif i != len(loc) - 1:
             continue

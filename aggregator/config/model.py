@@ -97,7 +97,9 @@ class Inject(Strict):
 class BufferSettings(Strict):
     """One buffer per destination: chunks, limits, flushing and retries (Fluentd's <buffer>)."""
 
-    chunk_limit_size: Size = Field(1024 * 1024, gt=0, description="A chunk is flushed at this size.")
+    chunk_limit_size: Size = Field(
+        1024 * 1024, gt=0, description="A chunk is flushed at this size."
+    )
     chunk_limit_records: int = Field(
         100_000, gt=0, description="A chunk is flushed at this many events."
     )
@@ -223,7 +225,7 @@ class Server(Strict):
 
 
 class Config(Strict):
-    server: Server = Field(default_factory=Server)  # type: ignore[arg-type]
+    server: Server = Field(default_factory=Server)
     sources: list[Source] = Field(min_length=1)
     routes: list[Route] = Field(default_factory=list)
     destinations: dict[str, Destination] = Field(min_length=1)

@@ -26,14 +26,16 @@ def parse_duration(value: object) -> float:
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
-        raise ValueError(f"invalid duration {value!r}: use a number of seconds or e.g. '500ms', '1s'")
+        raise ValueError(
+            f"invalid duration {value!r}: use a number of seconds or e.g. '500ms', '1s'"
+        )
     if seconds < 0:
         raise ValueError(f"invalid duration {value!r}: must not be negative")
     return seconds
 
 
 def parse_size(value: object) -> int:
-    """Bytes from an integer or a string such as "512KiB", "1MiB", "2GiB" (k/m/g alone are binary)."""
+    """Bytes from an integer or a string such as "512KiB", "1MiB", "2GiB" (k, m, g: binary)."""
     if isinstance(value, bool):
         raise ValueError(f"invalid size {value!r}")
     if isinstance(value, int):

@@ -54,7 +54,9 @@ def _records(payload: Any) -> list[Any]:
     records = payload if isinstance(payload, list) else [payload]
     for record in records:
         if not isinstance(record, dict):
-            raise BadRequest(f"an event must be a JSON object or msgpack map, not {type(record).__name__}")
+            raise BadRequest(
+                f"an event must be a JSON object or msgpack map, not {type(record).__name__}"
+            )
     return records
 
 
@@ -86,7 +88,13 @@ async def parse_events(request: web.Request, clock: Callable[[], float] = time.t
     body = b""
     if content_type == "multipart/form-data":
         for key, value in (await request.post()).items():
-            params[key] = value.file.read() if isinstance(value, web.FileField) else value.encode()
+            params[key] = (
+                value.file.read()
+                if isinstance(value, web.FileField)
+                else value.encode()
+                if isinstance(value, str)
+                else bytes(value)
+            )
     elif request.body_exists:
         body = await request.read()
         if content_type == "application/x-www-form-urlencoded":
@@ -115,7 +123,9 @@ async def parse_events(request: web.Request, clock: Callable[[], float] = time.t
 
 
 class HttpServer:
-    def __init__(self, settings: HttpSource, pipeline: Pipeline, drain_timeout: float = 5.0) -> None:
+    def __init__(
+        self, settings: HttpSource, pipeline: Pipeline, drain_timeout: float = 5.0
+    ) -> None:
         self.settings = settings
         self._drain_timeout = drain_timeout
         self.pipeline = pipeline

@@ -74,13 +74,17 @@ def test_unset_variable_is_an_error() -> None:
 
 
 def test_unknown_key_names_its_path() -> None:
-    text = MINIMAL.replace('type = "null"', 'type = "null"\n[destinations.out.buffer]\nflush_intreval = "1s"')
+    text = MINIMAL.replace(
+        'type = "null"', 'type = "null"\n[destinations.out.buffer]\nflush_intreval = "1s"'
+    )
     assert error_of(text) == "destinations.out.buffer.flush_intreval: unknown key"
 
 
 def test_bad_duration_names_its_path() -> None:
     text = MINIMAL.replace('type = "null"', 'type = "null"\nbuffer = { flush_interval = "1x" }')
-    assert error_of(text).startswith("destinations.out.buffer.flush_interval: invalid duration '1x'")
+    assert error_of(text).startswith(
+        "destinations.out.buffer.flush_interval: invalid duration '1x'"
+    )
 
 
 def test_missing_required_key() -> None:

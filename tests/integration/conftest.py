@@ -105,18 +105,21 @@ StartAggregator = Callable[..., Aggregator]
 
 @pytest.fixture
 def start_aggregator(tmp_path: Path) -> Iterator[StartAggregator]:
-    """``start(config_toml)``: runs the aggregator on that config, formatted with
-    ``{forward_port}``, ``{http_port}`` and ``{data_dir}``; waits until it is ready."""
+    """``start(config_toml)``: runs the aggregator on that config, where ``{forward_port}``,
+    ``{http_port}`` and ``{data_dir}`` are replaced; waits until it is ready."""
     started: list[Aggregator] = []
 
-    def start(config: str, env: dict[str, str] | None = None, ready_timeout: float = 20.0) -> Aggregator:
+    def start(
+        config: str, env: dict[str, str] | None = None, ready_timeout: float = 20.0
+    ) -> Aggregator:
         n = len(started)
         forward_port, http_port = free_port(), free_port()
         data_dir = tmp_path / f"data{n}"
         path = tmp_path / f"aggregator{n}.toml"
-        path.write_text(
-            config.format(forward_port=forward_port, http_port=http_port, data_dir=data_dir)
-        )
+        for key, value in (("forward_port", forward_port), ("http_port", http_port),
+                           ("data_dir", data_dir)):  # fmt: skip
+            config = config.replace("{" + key + "}", str(value))
+        path.write_text(config)
         log_path = tmp_path / f"aggregator{n}.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "aggregator", "run", "-c", str(path)],
@@ -158,7 +161,9 @@ bind = "127.0.0.1"
 port = {http_port}
 """
 
-FILE_CONFIG = BASE_CONFIG + """
+FILE_CONFIG = (
+    BASE_CONFIG
+    + """
 [[routes]]
 match = "health*"
 destination = "discard"
@@ -173,6 +178,7 @@ type = "null"
 [destinations.local]
 type = "file"
 path = "{data_dir}"
-inject = {{ tag_key = "tag", time_key = "time", time_format = "epoch" }}
-buffer = {{ flush_interval = "100ms" }}
+inject = { tag_key = "tag", time_key = "time", time_format = "epoch" }
+buffer = { flush_interval = "100ms" }
 """
+)

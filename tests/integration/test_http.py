@@ -13,7 +13,13 @@ from typing import Any
 import msgpack
 import pytest
 
-from tests.integration.conftest import FILE_CONFIG, Aggregator, StartAggregator, read_ndjson, wait_for
+from tests.integration.conftest import (
+    FILE_CONFIG,
+    Aggregator,
+    StartAggregator,
+    read_ndjson,
+    wait_for,
+)
 
 HEALTH_CHECK_PATH = "/healthcheck?json=%7B%22log%22%3A+%22health+check%22%7D"
 
@@ -62,7 +68,10 @@ def test_in_http_request_forms(agg: Aggregator) -> None:
     assert request(agg, "/app.form", packed.encode(), "application/x-www-form-urlencoded")[0] == 200
     assert request(agg, "/app/json", b'{"body": 1}', "application/json")[0] == 200
     assert request(agg, "/app.batch", b'[{"b": 1}, {"b": 2}]', "application/json")[0] == 200
-    assert request(agg, "/app.mp", msgpack.packb([{"m": 1}, {"m": 2}]), "application/msgpack")[0] == 200
+    assert (
+        request(agg, "/app.mp", msgpack.packb([{"m": 1}, {"m": 2}]), "application/msgpack")[0]
+        == 200
+    )
     assert request(agg, "/app.nd", b'{"nd": 1}\n{"nd": 2}\n', "application/x-ndjson")[0] == 200
     query = urllib.parse.urlencode({"json": '{"q": 1}', "time": "1700000000"})
     assert request(agg, "/app.query?" + query, method="POST")[0] == 200
@@ -99,7 +108,9 @@ def test_bad_requests_get_400_with_a_reason(
 
 
 def test_body_over_the_limit_gets_413(start_aggregator: StartAggregator) -> None:
-    agg = start_aggregator(FILE_CONFIG.replace("port = {http_port}", 'port = {http_port}\nbody_size_limit = "1KiB"'))
+    agg = start_aggregator(
+        FILE_CONFIG.replace("port = {http_port}", 'port = {http_port}\nbody_size_limit = "1KiB"')
+    )
     assert request(agg, "/app", b'{"a": "' + b"x" * 4096 + b'"}', "application/json")[0] == 413
 
 
