@@ -15,8 +15,8 @@ HELO/PING/PONG handshake and in_forward's JSON mode are not handled here.
 from __future__ import annotations
 
 import struct
-from collections import deque
 import zlib
+from collections import deque
 from typing import Any, NoReturn
 
 import msgpack
