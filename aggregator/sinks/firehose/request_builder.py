@@ -1,0 +1,61 @@
+"""Records → PutRecordBatch requests within Firehose's per-call limits.
+
+Pure: no client, no I/O. A batch keeps its records (and so their lines) so that the outcome of
+its call maps back to events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aggregator.sinks.firehose.record import Record
+
+MAX_BATCH_RECORDS = 500
+"""Firehose refuses a PutRecordBatch call with more records than this."""
+
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+"""Firehose refuses a PutRecordBatch call whose records add up to more than this (before
+base64)."""
+
+
+@dataclass(slots=True)
+class Batch:
+    """The records of one PutRecordBatch call."""
+
+    records: list[Record] = field(default_factory=list)
+    size: int = 0
+    """Bytes of record data (before base64)."""
+
+    def entries(self) -> list[dict[str, bytes]]:
+        """The ``Records`` parameter: ``Data`` stays bytes, botocore base64-encodes it."""
+        return [{"Data": record.data} for record in self.records]
+
+    def lines(self) -> list[bytes]:
+        """Every line the batch carries, in order (used on failure paths only)."""
+        return [line for record in self.records for line in record.lines]
+
+
+def build_batches(
+    records: list[Record],
+    *,
+    max_records: int = MAX_BATCH_RECORDS,
+    max_bytes: int = MAX_BATCH_BYTES,
+) -> list[Batch]:
+    """Split ``records`` into consecutive batches of at most ``max_records`` records and
+    ``max_bytes`` bytes of data. A record larger than ``max_bytes`` on its own (impossible with
+    Firehose's limits, where a record is at most 1,000 KiB) gets a batch to itself rather than
+    being dropped: refusing it is Firehose's call, not this function's."""
+    batches: list[Batch] = []
+    current = Batch()
+    for record in records:
+        n = len(record.data)
+        if current.records and (
+            len(current.records) >= max_records or current.size + n > max_bytes
+        ):
+            batches.append(current)
+            current = Batch()
+        current.records.append(record)
+        current.size += n
+    if current.records:
+        batches.append(current)
+    return batches

@@ -1,0 +1,70 @@
+"""The Firehose sink: a chunk's lines → records → batches → concurrent calls → one result."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aggregator.config.model import FirehoseDestination
+from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
+from aggregator.sinks.firehose.record import build_records
+from aggregator.sinks.firehose.request_builder import Batch, build_batches
+from aggregator.sinks.firehose.service import FirehoseService
+
+RECORD_TOO_LARGE = "record_too_large"
+
+
+class FirehoseSink:
+    """Delivers chunks to one Firehose delivery stream (the :class:`~aggregator.sinks.base.Sink`
+    protocol): one attempt per :meth:`write`, every batch of the chunk sent at once."""
+
+    def __init__(self, name: str, settings: FirehoseDestination) -> None:
+        self.name = name
+        self._aggregate = settings.aggregate
+        self._record_max_size = settings.record_max_size
+        self._service = FirehoseService(name, settings)
+
+    async def start(self) -> None:
+        await self._service.start()
+
+    async def close(self) -> None:
+        await self._service.close()
+
+    async def write(self, lines: list[bytes]) -> WriteResult:
+        built = build_records(
+            lines, aggregate=self._aggregate, record_max_size=self._record_max_size
+        )
+        batches = build_batches(built.records)
+        if len(batches) == 1 and not built.oversize:
+            return await self._service.put_batch(batches[0])  # the common case, kept direct
+        outcomes = await asyncio.gather(
+            *(self._service.put_batch(batch) for batch in batches), return_exceptions=True
+        )
+        return _merge(batches, outcomes, built.oversize)
+
+
+def _merge(
+    batches: list[Batch], outcomes: list[WriteResult | BaseException], oversize: list[bytes]
+) -> WriteResult:
+    """One result for the chunk. Raise only when nothing was settled: as soon as a batch went
+    through (or lines were rejected), failed batches become ``retry`` so the buffer never
+    resends what was delivered."""
+    failures: list[tuple[Batch, RetryableError]] = []
+    for batch, outcome in zip(batches, outcomes, strict=True):
+        if isinstance(outcome, RetryableError):
+            failures.append((batch, outcome))
+        elif isinstance(outcome, BaseException):
+            raise outcome  # a bug, not a delivery outcome: let it surface
+    if failures and len(failures) == len(batches) and not oversize:
+        raise failures[0][1]
+    if not failures and not oversize and all(o is DELIVERED for o in outcomes):
+        return DELIVERED
+    result = WriteResult()
+    result.reject(RECORD_TOO_LARGE, oversize)
+    for batch, outcome in zip(batches, outcomes, strict=True):
+        if isinstance(outcome, RetryableError):
+            result.retry.extend(batch.lines())
+        elif isinstance(outcome, WriteResult):
+            result.retry.extend(outcome.retry)
+            for reason, rejected in outcome.rejected.items():
+                result.reject(reason, rejected)
+    return result

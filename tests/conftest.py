@@ -1,0 +1,52 @@
+"""Fixtures shared across the test suite: local AWS stand-ins, never the network.
+
+Fake credentials are set at import time, before any test module creates a botocore session, so
+that the standard credential chain resolves them without probing a metadata endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+# Nothing from the developer's own AWS setup may redirect or re-credential the tests.
+os.environ["AWS_CONFIG_FILE"] = os.devnull
+os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+for _var in [v for v in os.environ if v.startswith("AWS_ENDPOINT_URL")] + [
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+]:
+    os.environ.pop(_var, None)
+
+from aggregator.emulator import EmulatorThread  # noqa: E402 - after the credentials env
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real moto server (every AWS service moto has) on 127.0.0.1; yields its endpoint URL.
+    Shared by the session, so tests use their own bucket and stream names."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def emulator() -> Iterator[EmulatorThread]:
+    """A started Firehose emulator (no faults, records kept, seeded) in its own thread."""
+    with EmulatorThread(seed=1234) as emu:
+        yield emu

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from itertools import pairwise
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aggregator.config.model import FIREHOSE_MAX_RECORD_BYTES
+from aggregator.sinks.firehose.record import Record, build_records
+from aggregator.sinks.firehose.request_builder import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_RECORDS,
+    build_batches,
+)
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+def record(size: int, tag: int = 0) -> Record:
+    data = (b"%08d" % tag + b"x" * size)[:size]
+    return Record(data, (data,))
+
+
+def test_firehose_limits() -> None:
+    assert MAX_BATCH_RECORDS == 500
+    assert MAX_BATCH_BYTES == 4 * MIB
+    assert FIREHOSE_MAX_RECORD_BYTES == 1_000 * KIB
+
+
+def test_no_records_no_batches() -> None:
+    assert build_batches([]) == []
+
+
+def test_at_most_500_records_per_batch() -> None:
+    records = [record(10, i) for i in range(1201)]
+    batches = build_batches(records)
+    assert [len(b.records) for b in batches] == [500, 500, 201]
+    assert [r for b in batches for r in b.records] == records
+
+
+def test_exactly_500_records_is_one_batch() -> None:
+    assert len(build_batches([record(10, i) for i in range(500)])) == 1
+
+
+def test_at_most_4_mib_per_batch() -> None:
+    # Four records of the largest size fit (4,000 KiB <= 4,096 KiB); a fifth does not.
+    records = [record(FIREHOSE_MAX_RECORD_BYTES, i) for i in range(9)]
+    batches = build_batches(records)
+    assert [len(b.records) for b in batches] == [4, 4, 1]
+    assert all(b.size <= MAX_BATCH_BYTES for b in batches)
+
+
+def test_exactly_4_mib_fits_and_one_byte_more_does_not() -> None:
+    exact = [record(MIB, i) for i in range(4)]
+    assert len(build_batches(exact)) == 1
+    over = [*exact[:3], record(MIB + 1, 3)]
+    assert [len(b.records) for b in build_batches(over)] == [3, 1]
+
+
+def test_a_record_larger_than_a_batch_goes_alone() -> None:
+    records = [record(10, 0), record(5 * MIB, 1), record(10, 2)]
+    assert [len(b.records) for b in build_batches(records)] == [1, 1, 1]
+
+
+def test_entries_pass_data_as_bytes_and_lines_map_back() -> None:
+    lines = [b"%03d\n" % i for i in range(10)]
+    built = build_records(lines, aggregate=True, record_max_size=12)
+    (batch,) = build_batches(built.records)
+    assert batch.entries() == [
+        {"Data": b"000\n001\n002\n"},
+        {"Data": b"003\n004\n005\n"},
+        {"Data": b"006\n007\n008\n"},
+        {"Data": b"009\n"},
+    ]
+    assert batch.lines() == lines
+    assert batch.size == sum(map(len, lines))
+
+
+def test_a_full_chunk_of_small_events_aggregated_makes_few_calls() -> None:
+    lines = [b'{"message":"%05d"}\n' % i for i in range(50_000)]  # 19 bytes each, ~0.9 MiB
+    built = build_records(lines, aggregate=True, record_max_size=FIREHOSE_MAX_RECORD_BYTES)
+    batches = build_batches(built.records)
+    assert len(batches) == 1 and len(batches[0].records) == 1
+    unaggregated = build_records(lines, aggregate=False, record_max_size=FIREHOSE_MAX_RECORD_BYTES)
+    assert len(build_batches(unaggregated.records)) == 100
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=3000), max_size=300),
+    max_records=st.integers(min_value=1, max_value=50),
+    max_bytes=st.integers(min_value=1, max_value=10_000),
+)
+def test_batches_keep_order_and_respect_limits(
+    sizes: list[int], max_records: int, max_bytes: int
+) -> None:
+    records = [record(n, i) for i, n in enumerate(sizes)]
+    batches = build_batches(records, max_records=max_records, max_bytes=max_bytes)
+    assert [r for b in batches for r in b.records] == records
+    for b in batches:
+        assert 1 <= len(b.records) <= max_records
+        assert b.size == sum(len(r.data) for r in b.records)
+        assert b.size <= max_bytes or len(b.records) == 1
+    # Greedy: a batch is closed only when the next record would break a limit.
+    for b, following in pairwise(batches):
+        first = following.records[0]
+        assert len(b.records) == max_records or b.size + len(first.data) > max_bytes
