@@ -23,12 +23,12 @@ run: $(VENV)/.installed
 	$(BIN)/aggregator run -c $(CONFIG)
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check aggregator tests benchmarks
+	$(BIN)/ruff check aggregator tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check aggregator tests benchmarks
+	$(BIN)/ruff check aggregator tests
 	$(BIN)/mypy
 
 check-config: $(VENV)/.installed
