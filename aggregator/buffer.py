@@ -30,6 +30,10 @@ from aggregator.sinks.base import RetryableError, Sink
 
 log = logging.getLogger(__name__)
 
+STATE_PUBLISH_INTERVAL = 1.0
+"""Seconds between two updates of the buffer gauges (health reads them) when nothing happens;
+updating them per append would cost more than the append."""
+
 
 class Admission(enum.Enum):
     ACCEPTED = "accepted"
@@ -82,6 +86,8 @@ class Buffer:
 
         self.dropped = 0
         """Events dropped by this buffer since start (for the exit summary)."""
+        self.diverted = 0
+        """Events handed to the secondary since start (for the exit summary)."""
         self.last_success: float | None = None
         """Wall-clock time of the last successful delivery."""
 
@@ -89,6 +95,8 @@ class Buffer:
         self._m_out_bytes = metrics.OUTPUT_BYTES.labels(name)
         self._m_bytes = metrics.BUFFER_BYTES.labels(name)
         self._m_chunks = metrics.BUFFER_CHUNKS.labels(name)
+        self._m_fill = metrics.BUFFER_FILL_RATIO.labels(name)
+        self._m_last_success = metrics.LAST_SUCCESS.labels(name)
         self._m_flush = metrics.FLUSH_SECONDS.labels(name)
         self._m_retries = metrics.RETRIES.labels(name)
 
@@ -111,6 +119,7 @@ class Buffer:
         """Whether a new message may be appended now, applying ``overflow_action`` if not."""
         if self._bytes < self.settings.total_limit_size:
             return Admission.ACCEPTED
+        self._publish_state()  # health reads the fill ratio: let it see "full" at once
         action = self.settings.overflow_action
         if action == "block":
             return Admission.BLOCKED
@@ -201,15 +210,19 @@ class Buffer:
                 task = asyncio.get_running_loop().create_task(self._deliver(self._ready.popleft()))
                 self._delivering.add(task)
                 task.add_done_callback(self._delivered)
-            self._m_bytes.set(self._bytes)
-            self._m_chunks.set(self._chunks)
+            self._publish_state()
             if self._closing and not self._ready and not self._delivering and self._open is None:
                 return
-            timeout = interval
+            timeout = min(interval, STATE_PUBLISH_INTERVAL)
             if self._open is not None:
-                timeout = max(0.0, self._open.created + interval - now)
+                timeout = min(timeout, max(0.0, self._open.created + interval - now))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _publish_state(self) -> None:
+        self._m_bytes.set(self._bytes)
+        self._m_chunks.set(self._chunks)
+        self._m_fill.set(self.fill_ratio)
 
     def _delivered(self, task: asyncio.Task[None]) -> None:
         self._delivering.discard(task)
@@ -288,6 +301,7 @@ class Buffer:
             if not failed:
                 self._m_out_bytes.inc(sum(map(len, lines)))
             self.last_success = time.time()
+            self._m_last_success.set(self.last_success)
         for reason, rejected in result.rejected.items():
             log.error(
                 "destination refused events",
@@ -310,6 +324,7 @@ class Buffer:
         """Lines this destination cannot deliver: to the secondary, else dropped."""
         if self.secondary is not None and not self.secondary._stopped:
             metrics.SECONDARY_EVENTS.labels(self.name, reason).inc(len(lines))
+            self.diverted += len(lines)
             # The bytes move from this buffer's budget to the secondary's: not over the sum.
             self.secondary.append(lines, sum(map(len, lines)))
             return

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from aggregator import __version__, logs
+from aggregator import __version__, logs, process
 from aggregator.config import Config, ConfigError, load
 from aggregator.config.model import FileDestination, FirehoseDestination
 
@@ -62,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run in the foreground until SIGTERM/SIGINT")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
+    run.add_argument(
+        "--workers", type=int, help="worker processes (default: [server] workers, or the CPUs)"
+    )
     check = commands.add_parser("check", help="validate a config and print its routing table")
     check.add_argument("-c", "--config", required=True, help="TOML config file")
     args = parser.parse_args(argv)
@@ -73,10 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe(config))
         return 0
 
-    from aggregator import worker  # the event loop and sinks are only needed to run
+    if args.workers is not None and args.workers < 1:
+        print("aggregator: --workers must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup(config.server.log_level, worker="supervisor")
+    process.prepare_metrics_dir()  # before prometheus-client is imported, below
+    from aggregator import supervisor
 
-    logs.setup(config.server.log_level)
-    return worker.run(config)
+    return supervisor.run(args.config, config, args.workers)
 
 
 if __name__ == "__main__":

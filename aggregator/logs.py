@@ -18,7 +18,7 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, worker: int | None = None) -> None:
+    def __init__(self, worker: int | str | None = None) -> None:
         super().__init__()
         self._worker = worker
 
@@ -40,7 +40,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def setup(level: str = "info", worker: int | None = None) -> None:
+def setup(level: str = "info", worker: int | str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(worker))
     root = logging.getLogger()

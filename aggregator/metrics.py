@@ -2,9 +2,17 @@
 
 Labels are names from the configuration (source, destination) or small fixed sets (reason,
 error_code, outcome): never tags or anything else that grows with traffic.
+
+With several workers, prometheus-client's multiprocess mode is on: the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` before any worker imports this module, each process writes its
+own files there, and :func:`render` (on any worker) merges them into one view of the service.
+Gauges say how they merge: ``livesum`` adds up what live workers hold, ``livemax`` takes the
+worst live worker.
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -14,6 +22,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client import multiprocess as _multiprocess
+
+from aggregator.process import METRICS_DIR_ENV
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -33,7 +44,7 @@ INPUT_ERRORS = Counter(
 )
 OPEN_CONNECTIONS = Gauge(
     "aggregator_open_connections", "Open client connections, by source.", ["source"],
-    registry=REGISTRY,
+    registry=REGISTRY, multiprocess_mode="livesum",
 )  # fmt: skip
 UNMATCHED_EVENTS = Counter(
     "aggregator_unmatched_events", "Events whose tag matched no route.", registry=REGISTRY
@@ -42,11 +53,22 @@ UNMATCHED_EVENTS = Counter(
 # --- buffers ---
 BUFFER_BYTES = Gauge(
     "aggregator_buffer_bytes", "Bytes buffered (open, queued and in-flight chunks).",
-    ["destination"], registry=REGISTRY,
+    ["destination"], registry=REGISTRY, multiprocess_mode="livesum",
 )  # fmt: skip
 BUFFER_CHUNKS = Gauge(
-    "aggregator_buffer_chunks", "Chunks queued or in flight.", ["destination"], registry=REGISTRY
-)
+    "aggregator_buffer_chunks", "Chunks queued or in flight.", ["destination"],
+    registry=REGISTRY, multiprocess_mode="livesum",
+)  # fmt: skip
+BUFFER_FILL_RATIO = Gauge(
+    "aggregator_buffer_fill_ratio",
+    "Buffered bytes over total_limit_size, of the fullest worker.",
+    ["destination"], registry=REGISTRY, multiprocess_mode="livemax",
+)  # fmt: skip
+LAST_SUCCESS = Gauge(
+    "aggregator_last_success_timestamp_seconds",
+    "When a delivery to the destination last succeeded (Unix time), any worker.",
+    ["destination"], registry=REGISTRY, multiprocess_mode="max",
+)  # fmt: skip
 FLUSH_SECONDS = Histogram(
     "aggregator_flush_duration_seconds",
     "Time for one delivery attempt of one chunk.",
@@ -94,6 +116,47 @@ FIREHOSE_FAILED_RECORDS = Counter(
 )
 
 
+# --- process model ---
+WORKERS_ALIVE = Gauge(
+    "aggregator_workers_alive", "Worker processes running (set by the supervisor).",
+    registry=REGISTRY, multiprocess_mode="livemax",
+)  # fmt: skip
+WORKER_RESTARTS = Counter(
+    "aggregator_worker_restarts", "Workers started again after they died.", registry=REGISTRY
+)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get(METRICS_DIR_ENV))
+
+
+def collect_registry() -> CollectorRegistry:
+    """What /metrics shows: the merged view of every process, or this process alone."""
+    if not multiprocess():
+        return REGISTRY
+    merged = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+    return merged
+
+
 def render() -> tuple[bytes, str]:
     """The Prometheus text exposition of every metric, and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(collect_registry()), CONTENT_TYPE_LATEST
+
+
+def values(name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The current samples of one metric (``name`` as exposed, e.g. with ``_total``), by labels,
+    merged across processes."""
+    out: dict[tuple[tuple[str, str], ...], float] = {}
+    for family in collect_registry().collect():
+        for sample in family.samples:
+            if sample.name == name:
+                key = tuple(sorted(sample.labels.items()))
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def process_died(pid: int) -> None:
+    """Forget a dead worker's live gauges (its counters stay: what it counted happened)."""
+    if multiprocess():
+        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

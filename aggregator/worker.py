@@ -1,69 +1,75 @@
-"""One worker: an event loop running the sources and the pipeline until told to stop.
+"""One worker process: an event loop running the sources and the pipeline until told to stop.
 
-Stopping, as Fluentd does on SIGTERM/SIGINT: stop accepting; read open connections until they
-are quiet (``drain_quiet_period``) or ``drain_timeout`` passes, then close them; flush every
-buffer with its retries until ``shutdown_timeout``; exit 0 only when nothing was dropped.
-A second SIGTERM/SIGINT during that stops at once. SIGUSR1 flushes every buffer now.
+The supervisor starts each worker as ``python -m aggregator.worker`` with the listening sockets
+it bound (inherited file descriptors), and a pipe on which the worker says when it is ready.
+
+Stopping, as Fluentd does on SIGTERM: stop accepting; read open connections until they are
+quiet (``drain_quiet_period``) or ``drain_timeout`` passes, then close them; flush every buffer
+with its retries until ``shutdown_timeout``. Exit status 0 when every event reached its
+destination, 1 when, during the stop, events had to go to a secondary destination or were
+dropped. A second SIGTERM stops at once (status 3). SIGUSR1 flushes every buffer now.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
+import socket
+import sys
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Sequence
 
-from aggregator.config.model import Config, ForwardSource, HttpSource
+from aggregator import logs, process
+from aggregator.config import ConfigError, load
+from aggregator.config.model import Config, ForwardSource
 from aggregator.pipeline import Pipeline
+from aggregator.sources import Listener
 from aggregator.sources.forward import ForwardServer
 from aggregator.sources.http import HttpServer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("aggregator.worker")  # not __main__ when run with -m
 
 EXIT_OK = 0
-EXIT_DROPPED = 1
+EXIT_UNDELIVERED = 1
+EXIT_CONFIG = 2
 EXIT_FORCED = 3
 
-
-class Source(Protocol):
-    @property
-    def port(self) -> int: ...
-
-    async def start(self) -> None: ...
-
-    def stop_accepting(self) -> None: ...
+ORPHAN_CHECK_INTERVAL = 1.0
 
 
 class Worker:
-    def __init__(self, config: Config, worker: int = 0) -> None:
+    def __init__(self, config: Config, index: int = 0) -> None:
         self.config = config
-        self.pipeline = Pipeline(config, worker)
-        self.forward: list[ForwardServer] = []
-        self.http: list[HttpServer] = []
-        for settings in config.sources:
-            if isinstance(settings, ForwardSource):
-                self.forward.append(ForwardServer(settings, self.pipeline))
-            elif isinstance(settings, HttpSource):
-                self.http.append(HttpServer(settings, self.pipeline, config.server.drain_timeout))
+        self.index = index
+        self.pipeline = Pipeline(config, index)
+        self.sources: list[ForwardServer | HttpServer] = [
+            ForwardServer(settings, self.pipeline)
+            if isinstance(settings, ForwardSource)
+            else HttpServer(settings, self.pipeline, config.server)
+            for settings in config.sources
+        ]
         self._stop = asyncio.Event()
         self._stopping = False
 
-    @property
-    def sources(self) -> list[Source]:
-        return [*self.forward, *self.http]
-
-    async def start(self) -> None:
+    async def start(self, listeners: Sequence[Listener] | None = None) -> None:
+        """Start the pipeline, then the sources: on the given sockets (one per source, in config
+        order) or by binding their own."""
         await self.pipeline.start()
-        for source in self.sources:
-            await source.start()
+        for i, source in enumerate(self.sources):
+            await source.start(listeners[i] if listeners else None)
+
+    def ports(self) -> dict[str, int]:
+        return {s.settings.name: s.port for s in self.sources}
 
     def request_stop(self) -> None:
         if self._stopping:
-            log.error("second stop signal: exiting now, buffered events are lost")
+            log.error("second stop signal: exiting now; buffered events are lost")
+            logging.shutdown()
             os._exit(EXIT_FORCED)
         self._stopping = True
         self._stop.set()
@@ -76,43 +82,64 @@ class Worker:
         server = self.config.server
         started = time.monotonic()
         deadline = started + server.shutdown_timeout
+        buffers = [d.buffer for d in self.pipeline.destinations.values()]
+        undelivered_before = sum(b.dropped + b.diverted for b in buffers)
         log.info("stopping: no new connections; draining open ones")
         for source in self.sources:
             source.stop_accepting()
         await asyncio.gather(
-            *(f.drain(server.drain_quiet_period, server.drain_timeout) for f in self.forward),
-            *(h.drain() for h in self.http),
+            *(s.drain(server.drain_quiet_period, server.drain_timeout) for s in self.sources)
         )
         log.info("stopping: flushing buffers", extra={"deadline_s": round(deadline - started, 1)})
-        dropped = await self.pipeline.close(deadline)
+        await self.pipeline.close(deadline)
         elapsed = round(time.monotonic() - started, 3)
-        if dropped:
+        dropped = sum(b.dropped for b in buffers)
+        diverted = sum(b.diverted for b in buffers)
+        if dropped + diverted > undelivered_before:
             log.error(
-                f"stopped: {dropped} events dropped (see aggregator_dropped_events_total)",
-                extra={"dropped": dropped, "seconds": elapsed},
+                f"stopped: events not delivered to their destination: {diverted} to a secondary, "
+                f"{dropped} dropped (since start)",
+                extra={"dropped": dropped, "diverted": diverted, "seconds": elapsed},
             )
-            return EXIT_DROPPED
+            return EXIT_UNDELIVERED
         log.info("stopped: every buffered event was delivered", extra={"seconds": elapsed})
         return EXIT_OK
 
+    async def watch_supervisor(self, supervisor: int) -> None:
+        """A worker whose supervisor died (kill -9) stops gracefully rather than linger."""
+        while not self._stopping:
+            await asyncio.sleep(ORPHAN_CHECK_INTERVAL)
+            if os.getppid() != supervisor:
+                log.error("supervisor is gone: stopping")
+                self.request_stop()
 
-def install_signals(worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+
+async def serve(
+    config: Config,
+    index: int = 0,
+    listeners: Sequence[Listener] | None = None,
+    ready_fd: int | None = None,
+) -> int:
+    worker = Worker(config, index)
+    loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
-    loop.add_signal_handler(signal.SIGINT, worker.request_stop)
     loop.add_signal_handler(signal.SIGUSR1, worker.pipeline.flush_all)
-
-
-async def serve(config: Config, on_ready: Callable[[Worker], None] | None = None) -> int:
-    worker = Worker(config)
-    install_signals(worker, asyncio.get_running_loop())
-    await worker.start()
-    ports = {s.settings.name: s.port for s in worker.forward} | {
-        s.settings.name: s.port for s in worker.http
-    }
-    log.info("ready", extra={"ports": ports, "pid": os.getpid()})
-    if on_ready is not None:
-        on_ready(worker)
-    return await worker.wait_stopped()
+    supervisor = process.supervisor_pid()
+    if supervisor is not None:
+        # Ctrl-C reaches the whole process group; the supervisor turns it into one SIGTERM.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        watchdog = loop.create_task(worker.watch_supervisor(supervisor))
+    else:
+        loop.add_signal_handler(signal.SIGINT, worker.request_stop)
+    await worker.start(listeners)
+    log.info("ready", extra={"ports": worker.ports(), "pid": os.getpid()})
+    if ready_fd is not None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+    status = await worker.wait_stopped()
+    if supervisor is not None:
+        watchdog.cancel()
+    return status
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -124,6 +151,45 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def run(config: Config) -> int:
+def run(
+    config: Config,
+    index: int = 0,
+    listeners: Sequence[Listener] | None = None,
+    ready_fd: int | None = None,
+) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(serve(config))
+        return runner.run(serve(config, index, listeners, ready_fd))
+
+
+def _listeners(spec: str) -> list[Listener]:
+    """``[[tcp_fd, udp_fd_or_null], ...]``, one per source in config order."""
+    out = []
+    for tcp, udp in json.loads(spec):
+        out.append(
+            Listener(
+                socket.socket(fileno=tcp),
+                socket.socket(fileno=udp) if udp is not None else None,
+            )
+        )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The entry point the supervisor starts; not a user command."""
+    parser = argparse.ArgumentParser(prog="python -m aggregator.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listeners", required=True)
+    parser.add_argument("--ready-fd", type=int)
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"aggregator worker {args.index}: configuration error:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup(config.server.log_level, worker=args.index)
+    return run(config, args.index, _listeners(args.listeners), args.ready_fd)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ Names follow Fluentd's where Fluentd has the concept (``chunk_limit_size``, ``fl
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -221,6 +222,20 @@ class Server(Strict):
     )
     shutdown_timeout: Duration = Field(
         100.0, gt=0, description="On stop: deadline for flushing every buffer (ECS allows 120 s)."
+    )
+    workers: int = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0)),
+        ge=1,
+        le=256,
+        description="Worker processes (default: the CPUs this process may use; on Fargate, the "
+        "task's vCPUs). `aggregator run --workers N` overrides it.",
+    )
+    buffer_high_water: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="GET /api/health answers 503 when any worker's buffer for any destination "
+        "is fuller than this fraction of its total_limit_size.",
     )
 
 

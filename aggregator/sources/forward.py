@@ -18,6 +18,7 @@ from aggregator.config.model import ForwardSource
 from aggregator.formatting import InvalidEvent
 from aggregator.pipeline import Outcome, Pipeline
 from aggregator.protocol import ForwardDecoder, Message, ProtocolError, encode_ack
+from aggregator.sources import Listener
 from aggregator.sources.connections import ConnectionSet
 
 log = logging.getLogger(__name__)
@@ -148,19 +149,26 @@ class ForwardServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self, sock: Any = None) -> None:
+    async def start(self, listener: Listener | None = None) -> None:
         loop = asyncio.get_running_loop()
-        if sock is not None:
-            self._server = await loop.create_server(lambda: ForwardConnection(self), sock=sock)
+        if listener is not None:
+            self._server = await loop.create_server(
+                lambda: ForwardConnection(self), sock=listener.tcp
+            )
         else:
             self._server = await loop.create_server(
                 lambda: ForwardConnection(self), self.settings.bind, self.settings.port,
                 reuse_address=True,
             )  # fmt: skip
         if self.settings.heartbeat:
-            self._heartbeat, _ = await loop.create_datagram_endpoint(
-                _HeartbeatProtocol, local_addr=(self.settings.bind, self.port)
-            )
+            if listener is not None and listener.udp is not None:
+                self._heartbeat, _ = await loop.create_datagram_endpoint(
+                    _HeartbeatProtocol, sock=listener.udp
+                )
+            else:
+                self._heartbeat, _ = await loop.create_datagram_endpoint(
+                    _HeartbeatProtocol, local_addr=(self.settings.bind, self.port)
+                )
         log.info(
             "forward input listening",
             extra={"source": self.settings.name, "bind": self.settings.bind, "port": self.port},

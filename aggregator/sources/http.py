@@ -21,10 +21,11 @@ import msgpack
 import orjson
 from aiohttp import web
 
-from aggregator import metrics
-from aggregator.config.model import HttpSource
+from aggregator import metrics, process
+from aggregator.config.model import HttpSource, Server
 from aggregator.formatting import InvalidEvent
 from aggregator.pipeline import Outcome, Pipeline
+from aggregator.sources import Listener
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +123,14 @@ async def parse_events(request: web.Request, clock: Callable[[], float] = time.t
     return [[t, record] for record in _records(payload)]
 
 
+def _by_destination(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, float]:
+    return {dict(labels)["destination"]: value for labels, value in samples.items()}
+
+
 class HttpServer:
-    def __init__(
-        self, settings: HttpSource, pipeline: Pipeline, drain_timeout: float = 5.0
-    ) -> None:
+    def __init__(self, settings: HttpSource, pipeline: Pipeline, server: Server) -> None:
         self.settings = settings
-        self._drain_timeout = drain_timeout
+        self._server = server
         self.pipeline = pipeline
         self.accepting = True
         self._runner: web.AppRunner | None = None
@@ -150,12 +153,12 @@ class HttpServer:
         app.router.add_route("*", "/{path:.*}", self._events)
         return app
 
-    async def start(self, sock: Any = None) -> None:
+    async def start(self, listener: Listener | None = None) -> None:
         self._runner = web.AppRunner(self._app(), handle_signals=False, access_log=None,
-                                     shutdown_timeout=self._drain_timeout)  # fmt: skip
+                                     shutdown_timeout=self._server.drain_timeout)  # fmt: skip
         await self._runner.setup()
-        if sock is not None:
-            self._site = web.SockSite(self._runner, sock)
+        if listener is not None:
+            self._site = web.SockSite(self._runner, listener.tcp)
         else:
             self._site = web.TCPSite(self._runner, self.settings.bind, self.settings.port,
                                      reuse_address=True)  # fmt: skip
@@ -168,7 +171,7 @@ class HttpServer:
     def stop_accepting(self) -> None:
         self.accepting = False
 
-    async def drain(self) -> None:
+    async def drain(self, quiet: float, timeout: float) -> None:
         """Stop listening, let requests in progress finish (up to the drain timeout), close the
         rest."""
         if self._runner is not None:
@@ -206,21 +209,38 @@ class HttpServer:
         return _text(200)
 
     async def _health(self, request: web.Request) -> web.Response:
-        destinations = {
-            name: {
-                "buffered_bytes": dest.buffer.buffered_bytes,
-                "fill_ratio": round(dest.buffer.fill_ratio, 4),
-                "last_success": dest.buffer.last_success,
+        """The whole service's state, from any worker: the merged metrics of every worker and
+        the supervisor's count of live workers."""
+        buffered = _by_destination(metrics.values("aggregator_buffer_bytes"))
+        fill = _by_destination(metrics.values("aggregator_buffer_fill_ratio"))
+        last = _by_destination(metrics.values("aggregator_last_success_timestamp_seconds"))
+        high_water = self._server.buffer_high_water
+        problems = [] if self.accepting else ["stopping"]
+        destinations = {}
+        for name, dest in self.pipeline.destinations.items():
+            # This worker's own buffer is exact now; the merged gauges may lag a moment.
+            ratio = max(fill.get(name, 0.0), dest.buffer.fill_ratio)
+            if ratio > high_water:
+                problems.append(f"buffer {name} is {ratio:.0%} full")
+            destinations[name] = {
+                "buffered_bytes": int(buffered.get(name, dest.buffer.buffered_bytes)),
+                "fill_ratio": round(ratio, 4),
+                "last_success": last.get(name) or dest.buffer.last_success,
             }
-            for name, dest in self.pipeline.destinations.items()
-        }
-        ok = self.accepting and self.pipeline.can_accept()
-        body = {"status": "ok" if ok else "unavailable", "destinations": destinations}
-        return web.Response(status=200 if ok else 503, body=orjson.dumps(body),
+        body: dict[str, object] = {}
+        state = process.read_state()
+        if state is not None:
+            body["workers"] = state
+            if state["alive"] < state["expected"]:
+                problems.append(f"{state['expected'] - state['alive']} worker(s) missing")
+        body["status"] = "unavailable" if problems else "ok"
+        body["problems"] = problems
+        body["destinations"] = destinations
+        return web.Response(status=503 if problems else 200, body=orjson.dumps(body),
                             content_type="application/json")  # fmt: skip
 
     async def _flush(self, request: web.Request) -> web.Response:
-        self.pipeline.flush_all()
+        process.flush_everywhere(self.pipeline.flush_all)
         return web.Response(status=200, body=b'{"flushed":true}', content_type="application/json")
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -101,6 +101,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 
 
 StartAggregator = Callable[..., Aggregator]
+SUPERVISOR_READY = '"worker":"supervisor","message":"ready"'  # every worker is serving
 
 
 @pytest.fixture
@@ -130,7 +131,7 @@ def start_aggregator(tmp_path: Path) -> Iterator[StartAggregator]:
         agg = Aggregator(proc, forward_port, http_port, data_dir, log_path)
         started.append(agg)
         ready = wait_for(
-            lambda: proc.poll() is not None or '"message":"ready"' in log_path.read_text(),
+            lambda: proc.poll() is not None or SUPERVISOR_READY in log_path.read_text(),
             ready_timeout,
         )
         if not ready or proc.poll() is not None:
@@ -146,6 +147,7 @@ def start_aggregator(tmp_path: Path) -> Iterator[StartAggregator]:
 
 BASE_CONFIG = """
 [server]
+workers = 2
 drain_quiet_period = "100ms"
 drain_timeout = "2s"
 shutdown_timeout = "20s"

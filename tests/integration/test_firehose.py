@@ -247,7 +247,9 @@ def test_sigterm_with_a_refusing_service_ends_in_the_secondary(
     assert time.monotonic() - started < 10
     assert sorted(e["id"] for e in read_ndjson(agg.data_dir)) == list(range(300))
     assert emulator.lines("down") == []
-    assert status == 0  # all of it reached the secondary: nothing was dropped
+    assert status == 1  # nothing lost, but not delivered where it was meant to go
+    summary = [e for e in agg.logs() if e["message"].startswith("stopped with undelivered")]
+    assert summary and summary[0]["to_secondary"] == 300 and summary[0]["dropped"] == 0
 
 
 def test_sigterm_without_secondary_reports_the_loss(
@@ -260,5 +262,5 @@ def test_sigterm_without_secondary_reports_the_loss(
     agg = start_aggregator(config)
     send_with_acks(agg.forward_port, "app", range(100))
     assert agg.stop() == 1
-    summary = [e for e in agg.logs() if e["message"].startswith("stopped:")]
+    summary = [e for e in agg.logs() if e["message"].startswith("stopped with undelivered")]
     assert summary and summary[0]["dropped"] == 100

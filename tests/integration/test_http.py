@@ -117,10 +117,16 @@ def test_body_over_the_limit_gets_413(start_aggregator: StartAggregator) -> None
 def test_health_flush_and_metrics(start_aggregator: StartAggregator) -> None:
     agg = start_aggregator(FILE_CONFIG.replace('flush_interval = "100ms"', 'flush_interval = "1h"'))
     assert request(agg, "/app", b'{"a": 1}', "application/json")[0] == 200
-    status, body = request(agg, "/api/health")
-    health = json.loads(body)
-    assert status == 200 and health["status"] == "ok"
-    assert health["destinations"]["local"]["buffered_bytes"] > 0
+
+    def health() -> dict[str, Any]:
+        status, body = request(agg, "/api/health")
+        assert status == 200
+        parsed: dict[str, Any] = json.loads(body)
+        return parsed
+
+    assert health()["status"] == "ok"
+    # The buffer gauges every worker publishes at least once a second.
+    assert wait_for(lambda: health()["destinations"]["local"]["buffered_bytes"] > 0, timeout=5)
     assert read_ndjson(agg.data_dir) == []  # the hour-long interval holds it
     assert request(agg, "/api/flush", b"", method="POST")[0] == 200
     assert events_of(agg, 1)[0]["a"] == 1

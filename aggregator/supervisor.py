@@ -1,0 +1,287 @@
+"""The supervisor: binds the ports once, runs N worker processes on them, and restarts the ones
+that die. It does no data work.
+
+Each worker gets its own ``SO_REUSEPORT`` socket per source, all bound to the same port, so the
+kernel spreads new connections evenly across workers (a single shared accept queue lets one
+busy worker take most of them). The supervisor keeps its copy of every socket open, so a
+worker's port stays open, and connections queue, while that worker is restarted.
+
+Signals: SIGTERM/SIGINT stop every worker gracefully (each drains and flushes); a second one
+stops them at once. SIGUSR1 is passed on to every worker (flush now); a worker that receives
+``POST /api/flush`` sends SIGUSR1 here so that every worker flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from aggregator import metrics, process
+from aggregator.config.model import Config, ForwardSource
+from aggregator.sources import Listener
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_MIN = 0.5
+RESTART_BACKOFF_MAX = 30.0
+STABLE_UPTIME = 10.0
+"""A worker that dies is restarted at once. One that dies again within this many seconds of its
+start waits a backoff first, doubling each time: a worker that cannot start must not spin."""
+
+STOP_GRACE = 10.0
+"""Seconds the supervisor allows past a worker's own drain and shutdown deadlines."""
+
+
+def _bind(kind: socket.SocketKind, host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(socket.SOMAXCONN)
+    sock.set_inheritable(True)
+    return sock
+
+
+def bind_listeners(config: Config, workers: int) -> list[list[Listener]]:
+    """Sockets for every worker slot and source: ``[slot][source]``. Port 0 picks one free port
+    for the first slot, shared by the others."""
+    slots: list[list[Listener]] = [[] for _ in range(workers)]
+    for source in config.sources:
+        port = source.port
+        heartbeat = isinstance(source, ForwardSource) and source.heartbeat
+        for slot in slots:
+            tcp = _bind(socket.SOCK_STREAM, source.bind, port)
+            port = tcp.getsockname()[1]
+            udp = _bind(socket.SOCK_DGRAM, source.bind, port) if heartbeat else None
+            slot.append(Listener(tcp, udp))
+    return slots
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    listeners: list[Listener]
+    proc: asyncio.subprocess.Process | None = None
+    started: float = 0.0
+    failures: int = 0  # consecutive early deaths
+    exit_code: int | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _stop_status(slot: WorkerSlot) -> int | None:
+    """A worker's exit status for the summary. One stopped by SIGTERM before it was ready (its
+    signal handlers were not installed yet) held no events: that is a clean stop."""
+    code = slot.proc.returncode if slot.proc is not None else None
+    if code == -signal.SIGTERM and not slot.ready.is_set():
+        return 0
+    return code
+
+
+class Supervisor:
+    def __init__(self, config_path: str, config: Config, workers: int | None = None) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.workers = workers or config.server.workers
+        self.slots: list[WorkerSlot] = []
+        self._stopping = False
+        self._stop = asyncio.Event()
+        self._state_dir = tempfile.mkdtemp(prefix="aggregator-")
+        self._state_file = os.path.join(self._state_dir, "workers.json")
+        self._supervising: list[asyncio.Task[None]] = []
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGUSR1, self.flush_all)
+        try:
+            listeners = bind_listeners(self.config, self.workers)
+        except OSError as exc:
+            log.error(f"cannot listen: {exc}")
+            return 1
+        self.slots = [WorkerSlot(i, slot) for i, slot in enumerate(listeners)]
+        self._publish_state()
+        self._supervising = [loop.create_task(self._supervise(slot)) for slot in self.slots]
+        ready = loop.create_task(self._announce_ready())
+        await self._stop.wait()
+        ready.cancel()
+        return await self._shutdown()
+
+    async def _announce_ready(self) -> None:
+        await asyncio.gather(*(slot.ready.wait() for slot in self.slots))
+        ports = {
+            source.name: listener.tcp.getsockname()[1]
+            for source, listener in zip(self.config.sources, self.slots[0].listeners, strict=True)
+        }
+        pids = [slot.proc.pid for slot in self.slots if slot.proc is not None]
+        log.info("ready", extra={"ports": ports, "workers": len(self.slots), "pids": pids})
+
+    async def _supervise(self, slot: WorkerSlot) -> None:
+        """Keep one worker running until the stop."""
+        backoff = 0.0
+        while not self._stopping:
+            await self._spawn(slot)
+            assert slot.proc is not None
+            if self._stopping:  # the stop came while it was starting: it missed the signal
+                slot.proc.send_signal(signal.SIGTERM)
+            code = await slot.proc.wait()
+            slot.exit_code = code
+            metrics.process_died(slot.proc.pid)
+            self._publish_state()
+            if self._stopping:
+                return
+            uptime = time.monotonic() - slot.started
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            log.error(
+                f"worker {slot.index} died ({how}) after {uptime:.1f} s; restarting",
+                extra={"worker_index": slot.index, "pid": slot.proc.pid, "exit_code": code},
+            )
+            metrics.WORKER_RESTARTS.inc()
+            if uptime >= STABLE_UPTIME:
+                backoff = 0.0
+            elif backoff:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+            backoff = min(max(backoff * 2, RESTART_BACKOFF_MIN), RESTART_BACKOFF_MAX)
+
+    async def _spawn(self, slot: WorkerSlot) -> None:
+        read_fd, write_fd = os.pipe()
+        fds = [s.fileno() for lst in slot.listeners for s in (lst.tcp, lst.udp) if s is not None]
+        spec = [[lst.tcp.fileno(), lst.udp.fileno() if lst.udp else None] for lst in slot.listeners]
+        env = {
+            **os.environ,
+            process.SUPERVISOR_PID_ENV: str(os.getpid()),
+            process.STATE_FILE_ENV: self._state_file,
+        }
+        slot.ready.clear()
+        slot.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aggregator.worker",
+            "--config",
+            self.config_path,
+            "--index",
+            str(slot.index),
+            "--listeners",
+            json.dumps(spec),
+            "--ready-fd",
+            str(write_fd),
+            pass_fds=[*fds, write_fd],
+            env=env,
+        )
+        os.close(write_fd)
+        slot.started = time.monotonic()
+        self._publish_state()
+        asyncio.get_running_loop().create_task(self._await_ready(slot, read_fd))
+
+    async def _await_ready(self, slot: WorkerSlot, read_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        with os.fdopen(read_fd, "rb") as pipe:
+            line = await loop.run_in_executor(None, pipe.readline)
+        if line.startswith(b"ready"):
+            slot.ready.set()
+            self._publish_state()
+
+    def _alive(self) -> int:
+        """Workers running and serving."""
+        return sum(
+            1
+            for s in self.slots
+            if s.proc is not None and s.proc.returncode is None and s.ready.is_set()
+        )
+
+    def _publish_state(self) -> None:
+        alive = self._alive()
+        process.write_state(self._state_file, {"expected": len(self.slots), "alive": alive})
+        metrics.WORKERS_ALIVE.set(alive)
+
+    # --- signals ----------------------------------------------------------------------------
+
+    def _signal_workers(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.proc.send_signal(sig)
+
+    def flush_all(self) -> None:
+        self._signal_workers(signal.SIGUSR1)
+
+    def request_stop(self) -> None:
+        if self._stopping:
+            log.error("second stop signal: stopping every worker at once; buffered events are lost")
+            self._signal_workers(signal.SIGTERM)  # a worker's second SIGTERM exits at once
+            return
+        log.info("stop signal: stopping every worker gracefully")
+        self._stopping = True
+        self._stop.set()
+
+    async def _shutdown(self) -> int:
+        # Our copies of the sockets would keep the ports open after the workers close theirs.
+        for slot in self.slots:
+            for listener in slot.listeners:
+                listener.tcp.close()
+                if listener.udp is not None:
+                    listener.udp.close()
+        self._signal_workers(signal.SIGTERM)
+        server = self.config.server
+        limit = server.drain_timeout + server.shutdown_timeout + STOP_GRACE
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), limit)
+        except TimeoutError:
+            log.error("workers did not stop in time: killing them")
+            self._signal_workers(signal.SIGKILL)
+            await asyncio.gather(*(p.wait() for p in procs))
+        for task in self._supervising:
+            task.cancel()
+        return self._summary([_stop_status(slot) for slot in self.slots])
+
+    def _summary(self, codes: list[int | None]) -> int:
+        dropped = sum(metrics.values("aggregator_dropped_events_total").values())
+        diverted = sum(metrics.values("aggregator_secondary_events_total").values())
+        delivered = sum(metrics.values("aggregator_output_events_total").values())
+        fields = {
+            "delivered": int(delivered),
+            "to_secondary": int(diverted),
+            "dropped": int(dropped),
+            "exit_codes": codes,
+        }
+        if all(code == 0 for code in codes):
+            log.info(
+                f"stopped: {int(delivered)} events delivered, none lost on the way out",
+                extra=fields,
+            )
+            return 0
+        log.error(
+            f"stopped with undelivered events: {int(diverted)} went to a secondary destination, "
+            f"{int(dropped)} were dropped (workers' exit codes {codes})",
+            extra=fields,
+        )
+        return 1
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self._state_dir, ignore_errors=True)
+        process.remove_metrics_dir()
+
+
+def run(config_path: str, config: Config, workers: int | None = None) -> int:
+    """Run the service in the foreground until stopped; the exit status."""
+    supervisor = Supervisor(config_path, config, workers)
+    try:
+        return asyncio.run(supervisor.run())
+    finally:
+        supervisor.cleanup()

@@ -1,0 +1,175 @@
+"""Several workers: connections spread, crashes are survived, flushes and metrics span them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import orjson
+
+from aggregator.emulator import EmulatorThread
+from aggregator.protocol import encode_forward, encode_message
+from tests.integration.conftest import (
+    FILE_CONFIG,
+    Aggregator,
+    StartAggregator,
+    read_ndjson,
+    wait_for,
+)
+from tests.integration.test_firehose import firehose_config, send_with_acks
+
+HOUR_FLUSH = FILE_CONFIG.replace('flush_interval = "100ms"', 'flush_interval = "1h"')
+
+
+def worker_pids(agg: Aggregator) -> set[int]:
+    children = Path(f"/proc/{agg.proc.pid}/task/{agg.proc.pid}/children").read_text().split()
+    return {int(pid) for pid in children}
+
+
+def health(agg: Aggregator) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(agg.http + "/api/health", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def send_on_many_connections(agg: Aggregator, connections: int, per_connection: int) -> None:
+    socks = [agg.connect() for _ in range(connections)]
+    for c, sock in enumerate(socks):
+        entries = [[1700000000, {"c": c, "i": i}] for i in range(per_connection)]
+        sock.sendall(encode_forward("spread", entries))
+    for sock in socks:
+        sock.close()
+
+
+def events_by_worker(directory: Path) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for path in directory.glob("*.ndjson*"):
+        worker = path.name.split(".")[2]  # events.<start>.w<N>.<seq>.ndjson
+        counts[worker] += len(path.read_bytes().splitlines())
+    return counts
+
+
+def test_connections_spread_over_every_worker(start_aggregator: StartAggregator) -> None:
+    agg = start_aggregator(FILE_CONFIG)
+    send_on_many_connections(agg, connections=40, per_connection=10)
+    assert wait_for(lambda: len(read_ndjson(agg.data_dir)) >= 400)
+    assert agg.stop() == 0
+    counts = events_by_worker(agg.data_dir)
+    assert set(counts) == {"w0", "w1"}, counts
+    assert min(counts.values()) >= 40, f"one worker took nearly everything: {counts}"
+
+
+def test_a_killed_worker_is_restarted_and_the_service_keeps_accepting(
+    start_aggregator: StartAggregator,
+) -> None:
+    agg = start_aggregator(FILE_CONFIG)
+    before = worker_pids(agg)
+    assert len(before) == 2
+    # Events acked by the worker that survives must be delivered: find who serves what.
+    send_on_many_connections(agg, connections=20, per_connection=5)
+    assert wait_for(lambda: len(read_ndjson(agg.data_dir)) >= 100)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    started = time.monotonic()
+    after = wait_for(lambda: (p := worker_pids(agg)) and len(p) == 2 and victim not in p and p, 5)
+    assert after, "the killed worker was not restarted"
+    assert time.monotonic() - started < 1.0, "restart took more than a second"
+    # Both ports keep accepting, whichever worker answers.
+    for i in range(20):
+        with agg.connect() as sock:
+            sock.sendall(encode_message("after", 1700000000, {"i": i}))
+        with urllib.request.urlopen(agg.http + "/app.after?json=%7B%22h%22%3A1%7D") as resp:
+            assert resp.status == 200
+    assert wait_for(lambda: health(agg)[0] == 200, timeout=5)
+    assert agg.stop() == 0
+    events = read_ndjson(agg.data_dir)
+    assert sorted(e["i"] for e in events if e["tag"] == "after") == list(range(20))
+    assert sum(1 for e in events if e["tag"] == "app.after") == 20
+    assert sum(1 for e in events if e["tag"] == "spread") == 100  # all flushed before the kill
+    assert any("died (killed by SIGKILL)" in e["message"] for e in agg.logs())
+
+
+def test_health_is_503_while_a_worker_is_missing(start_aggregator: StartAggregator) -> None:
+    agg = start_aggregator(FILE_CONFIG)
+    status, body = health(agg)
+    assert status == 200 and body["workers"] == {"expected": 2, "alive": 2}
+    # A worker that keeps dying at start is restarted after a growing backoff: kill the same
+    # worker twice, and the second restart waits long enough to see the gap.
+    survivor, victim = sorted(worker_pids(agg))
+    os.kill(victim, signal.SIGKILL)
+    restarted = wait_for(lambda: worker_pids(agg) - {survivor, victim}, 5)
+    assert restarted, "the killed worker was not restarted"
+    os.kill(restarted.pop(), signal.SIGKILL)
+    seen = wait_for(lambda: (h := health(agg))[0] == 503 and h, timeout=5)
+    assert seen and "worker(s) missing" in str(seen[1]["problems"])
+    assert wait_for(lambda: health(agg)[0] == 200, timeout=10)
+    assert agg.metric("aggregator_worker_restarts_total") == 2
+    assert agg.stop() == 0
+
+
+def test_flush_api_and_sigusr1_flush_every_worker(start_aggregator: StartAggregator) -> None:
+    agg = start_aggregator(HOUR_FLUSH)
+    send_on_many_connections(agg, connections=20, per_connection=5)
+    time.sleep(0.5)
+    assert read_ndjson(agg.data_dir) == []  # held by the hour-long interval, in both workers
+    req = urllib.request.Request(agg.http + "/api/flush", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200
+    assert wait_for(lambda: len(read_ndjson(agg.data_dir)) == 100, timeout=5)
+    assert len(events_by_worker(agg.data_dir)) == 2  # the other worker flushed too
+    send_on_many_connections(agg, connections=20, per_connection=5)
+    time.sleep(0.5)
+    assert len(read_ndjson(agg.data_dir)) == 100
+    agg.proc.send_signal(signal.SIGUSR1)
+    assert wait_for(lambda: len(read_ndjson(agg.data_dir)) == 200, timeout=5)
+    assert agg.stop() == 0
+
+
+def test_metrics_across_workers_equal_what_firehose_received(
+    emulator: EmulatorThread, start_aggregator: StartAggregator
+) -> None:
+    agg = start_aggregator(firehose_config(emulator.endpoint_url, "counted"))
+    senders = [
+        threading.Thread(target=send_with_acks, args=(agg.forward_port, "app", range(i, i + 250)))
+        for i in range(0, 3000, 250)
+    ]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(60)
+    wait_for(lambda: len(emulator.lines("counted")) >= 3000, timeout=30)
+    received = emulator.stats()
+    assert received["accepted_records"] == 3000
+    assert agg.metric("aggregator_input_events_total", source="forward") == 3000
+    assert agg.metric("aggregator_output_events_total", destination="fh") == 3000
+    assert agg.metric("aggregator_firehose_requests_total", destination="fh") == received["calls"]
+    ids = Counter(orjson.loads(line)["id"] for line in emulator.lines("counted"))
+    assert len(ids) == 3000 and max(ids.values()) == 1
+    assert agg.stop() == 0
+
+
+def test_second_sigterm_stops_at_once(
+    emulator: EmulatorThread, start_aggregator: StartAggregator
+) -> None:
+    emulator.stall()
+    agg = start_aggregator(firehose_config(emulator.endpoint_url, "stuck"))
+    with socket.create_connection(("127.0.0.1", agg.forward_port)) as sock:
+        sock.sendall(encode_forward("app", [[1700000000, {"i": 1}]]))
+    time.sleep(0.5)  # flushed, and the call hangs
+    agg.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    started = time.monotonic()
+    status = agg.stop(signal.SIGTERM, timeout=10)
+    assert time.monotonic() - started < 5
+    assert status != 0
+    assert any("second stop signal" in e["message"] for e in agg.logs())
+    emulator.resume()
