@@ -217,7 +217,9 @@ class Buffer:
             if self._open is not None:
                 timeout = min(timeout, max(0.0, self._open.created + interval - now))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
 
     def _publish_state(self) -> None:
         self._m_bytes.set(self._bytes)
@@ -284,7 +286,8 @@ class Buffer:
         started = self._clock()
         timeout = None if self._deadline is None else max(0.0, self._deadline - started)
         try:
-            result = await asyncio.wait_for(self.sink.write(lines), timeout)
+            async with asyncio.timeout(timeout):
+                result = await self.sink.write(lines)
         except RetryableError as exc:
             return exc.reason, lines
         except TimeoutError:

@@ -155,7 +155,8 @@ class Supervisor:
                 backoff = 0.0
             elif backoff:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), backoff)
+                    async with asyncio.timeout(backoff):
+                        await self._stop.wait()
             backoff = min(max(backoff * 2, RESTART_BACKOFF_MIN), RESTART_BACKOFF_MAX)
 
     async def _spawn(self, slot: WorkerSlot) -> None:
@@ -241,7 +242,8 @@ class Supervisor:
         limit = server.drain_timeout + server.shutdown_timeout + STOP_GRACE
         procs = [s.proc for s in self.slots if s.proc is not None]
         try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), limit)
+            async with asyncio.timeout(limit):
+                await asyncio.gather(*(p.wait() for p in procs))
         except TimeoutError:
             log.error("workers did not stop in time: killing them")
             self._signal_workers(signal.SIGKILL)
