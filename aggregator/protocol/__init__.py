@@ -19,6 +19,7 @@ from aggregator.protocol.encoder import (
 )
 from aggregator.protocol.events import (
     PROTOCOL_ERROR_REASONS,
+    Batch,
     Message,
     ProtocolError,
     ProtocolErrorReason,
@@ -27,6 +28,7 @@ from aggregator.protocol.events import (
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "PROTOCOL_ERROR_REASONS",
+    "Batch",
     "EventTime",
     "ForwardDecoder",
     "Message",

@@ -21,9 +21,10 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, Message, ProtocolError
+from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, Batch, Message, ProtocolError
 
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
+DEFAULT_BATCH_ENTRIES = 10_000
 """Fluentd's default chunk limit; a larger message closes the connection."""
 
 _unpack_event_time = struct.Struct(">II").unpack  # seconds, nanoseconds
@@ -79,6 +80,7 @@ class ForwardDecoder:
         # Stream offset where the next message starts. Not unpacker.tell() itself: that also
         # moves through a message that is only partly received.
         self._start = 0
+        self._lookahead: Message | None = None  # decoded by next_batch, for the next batch
         # Bytes received but not yet given to the unpacker, which holds at most the limit.
         self._backlog: deque[bytes] = deque()
         self._error: ProtocolError | None = None
@@ -119,6 +121,35 @@ class ForwardDecoder:
         except ProtocolError as exc:
             self._error = exc
             raise
+
+    def next_batch(self, max_entries: int = DEFAULT_BATCH_ENTRIES) -> Batch | None:
+        """The next message merged with the complete messages right after it that have the same
+        tag, up to about ``max_entries`` entries; None when more bytes are needed. Bad input
+        after the first message ends the batch; the error is raised by the next call."""
+        first = self._lookahead
+        self._lookahead = None
+        if first is None:
+            first = self.next_message()
+            if first is None:
+                return None
+        batch = Batch(first.tag, first.entries, [], first.nbytes)
+        if first.chunk is not None:
+            batch.chunks.append(first.chunk)
+        while len(batch.entries) < max_entries:
+            try:
+                message = self.next_message()
+            except ProtocolError:
+                break  # kept in self._error: the next call raises it
+            if message is None:
+                break
+            if message.tag != batch.tag:
+                self._lookahead = message
+                break
+            batch.entries += message.entries
+            batch.nbytes += message.nbytes
+            if message.chunk is not None:
+                batch.chunks.append(message.chunk)
+        return batch
 
     def _feed(self, data: bytes) -> None:
         try:

@@ -36,6 +36,19 @@ class Message:
     """Size of this message on the wire."""
 
 
+@dataclass(slots=True)
+class Batch:
+    """Consecutive messages of one stream with the same tag, merged so that the server routes
+    and buffers them in one step: clients that send one event per message (Message mode, as
+    Docker's driver does) cost per read, not per event."""
+
+    tag: str
+    entries: list[list[Any]]
+    chunks: list[str]
+    """The acks owed, in message order, once the batch is accepted."""
+    nbytes: int
+
+
 class ProtocolError(Exception):
     """Input that is not the forward protocol; the connection that sent it must be closed.
 

@@ -17,7 +17,7 @@ from aggregator import metrics
 from aggregator.config.model import ForwardSource
 from aggregator.formatting import InvalidEvent
 from aggregator.pipeline import Outcome, Pipeline
-from aggregator.protocol import ForwardDecoder, Message, ProtocolError, encode_ack
+from aggregator.protocol import Batch, ForwardDecoder, ProtocolError, encode_ack
 from aggregator.sources import Listener
 from aggregator.sources.connections import ConnectionSet
 
@@ -33,7 +33,7 @@ class ForwardConnection(asyncio.Protocol):
         self._pipeline = server.pipeline
         self._decoder = ForwardDecoder(server.settings.message_length_limit)
         self._transport: asyncio.Transport | None = None
-        self._pending: Message | None = None  # the message waiting for buffer room
+        self._pending: Batch | None = None  # the batch waiting for buffer room
         self._peer = "?"
         self.last_activity = time.monotonic()
         self._m_events = metrics.INPUT_EVENTS.labels(server.settings.name)
@@ -68,32 +68,32 @@ class ForwardConnection(asyncio.Protocol):
     # --- the work ---------------------------------------------------------------------------
 
     def _process(self) -> None:
-        """Dispatch buffered messages until the decoder needs more bytes or a buffer blocks."""
+        """Dispatch decoded batches until the decoder needs more bytes or a buffer blocks."""
         transport = self._transport
         while transport is not None and not transport.is_closing():
-            message = self._pending
-            if message is None:
+            batch = self._pending
+            if batch is None:
                 try:
-                    message = self._decoder.next_message()
+                    batch = self._decoder.next_batch()
                 except ProtocolError as exc:
                     self._refuse(exc.reason, str(exc))
                     return
-                if message is None:
+                if batch is None:
                     return
             try:
-                outcome = self._pipeline.dispatch(message.tag, message.entries)
+                outcome = self._pipeline.dispatch(batch.tag, batch.entries)
             except InvalidEvent as exc:
                 self._refuse(exc.reason, str(exc))
                 return
             if outcome is Outcome.BLOCKED:
-                self._pending = message
+                self._pending = batch
                 transport.pause_reading()
-                asyncio.get_running_loop().create_task(self._resume_when_room(message.tag))
+                asyncio.get_running_loop().create_task(self._resume_when_room(batch.tag))
                 return
             self._pending = None
-            self._m_events.inc(len(message.entries))
-            if outcome is not Outcome.REJECTED and message.chunk is not None:
-                transport.write(encode_ack(message.chunk))
+            self._m_events.inc(len(batch.entries))
+            if outcome is not Outcome.REJECTED and batch.chunks:
+                transport.write(b"".join(map(encode_ack, batch.chunks)))
 
     async def _resume_when_room(self, tag: str) -> None:
         await self._pipeline.wait_for_room(tag)
