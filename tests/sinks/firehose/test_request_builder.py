@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import base64
 from itertools import pairwise
 
+import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -63,16 +65,19 @@ def test_a_record_larger_than_a_batch_goes_alone() -> None:
     assert [len(b.records) for b in build_batches(records)] == [1, 1, 1]
 
 
-def test_entries_pass_data_as_bytes_and_lines_map_back() -> None:
+def test_body_is_put_record_batch_json_and_lines_map_back() -> None:
     lines = [b"%03d\n" % i for i in range(10)]
     built = build_records(lines, aggregate=True, record_max_size=12)
     (batch,) = build_batches(built.records)
-    assert batch.entries() == [
-        {"Data": b"000\n001\n002\n"},
-        {"Data": b"003\n004\n005\n"},
-        {"Data": b"006\n007\n008\n"},
-        {"Data": b"009\n"},
+    body = orjson.loads(batch.body('stream "quoted"'))
+    assert body["DeliveryStreamName"] == 'stream "quoted"'
+    assert [base64.b64decode(r["Data"]) for r in body["Records"]] == [
+        b"000\n001\n002\n",
+        b"003\n004\n005\n",
+        b"006\n007\n008\n",
+        b"009\n",
     ]
+    assert list(body["Records"][0]) == ["Data"]
     assert batch.lines() == lines
     assert batch.size == sum(map(len, lines))
 
