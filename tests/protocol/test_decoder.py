@@ -489,3 +489,46 @@ def test_error_names_reason_and_detail() -> None:
     error = raises_reason("bad_tag", pack([3, 1, {}]))
     assert str(error).startswith("bad_tag: ")
     assert error.detail
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+
+def test_batch_merges_consecutive_messages_with_the_same_tag() -> None:
+    data = b"".join(
+        [
+            encode_message("a", 1, {"i": 0}, chunk="c0"),
+            encode_message("a", 2, {"i": 1}),
+            encode_forward("a", [(3, {"i": 2}), (4, {"i": 3})], chunk="c2"),
+            encode_message("b", 5, {"i": 4}),
+            encode_message("a", 6, {"i": 5}),
+        ]
+    )
+    decoder = ForwardDecoder()
+    decoder.receive_data(data)
+    first = decoder.next_batch()
+    assert first is not None
+    assert (first.tag, [e[1]["i"] for e in first.entries]) == ("a", [0, 1, 2, 3])
+    assert first.chunks == ["c0", "c2"]
+    second, third = decoder.next_batch(), decoder.next_batch()
+    assert second is not None and third is not None
+    assert [(b.tag, len(b.entries)) for b in (second, third)] == [("b", 1), ("a", 1)]
+    assert first.nbytes + second.nbytes + third.nbytes == len(data)
+    assert decoder.next_batch() is None
+
+
+def test_batch_stops_at_the_entry_limit() -> None:
+    decoder = ForwardDecoder()
+    decoder.receive_data(b"".join(encode_message("t", 1, {"i": i}) for i in range(10)))
+    sizes = [len(b.entries) for b in iter(lambda: decoder.next_batch(max_entries=4), None)]
+    assert sizes == [4, 4, 2]
+
+
+def test_bad_input_after_a_batch_is_raised_by_the_next_call() -> None:
+    decoder = ForwardDecoder()
+    decoder.receive_data(encode_message("t", 1, {"i": 0}) + b"\xc1")
+    batch = decoder.next_batch()
+    assert batch is not None and len(batch.entries) == 1
+    with pytest.raises(ProtocolError) as info:
+        decoder.next_batch()
+    assert info.value.reason == "not_msgpack"
