@@ -238,7 +238,7 @@ class Buffer:
         pending = chunk.lines
         try:
             while pending:
-                reason, pending = await self._attempt(pending)
+                reason, detail, pending = await self._attempt(pending)
                 if not pending:
                     return
                 chunk.attempts += 1
@@ -253,6 +253,7 @@ class Buffer:
                             "destination": self.name,
                             "reason": give_up,
                             "last_error": reason,
+                            "detail": detail,
                             "events": len(pending),
                             "attempts": chunk.attempts,
                         },
@@ -273,6 +274,7 @@ class Buffer:
                     extra={
                         "destination": self.name,
                         "reason": reason,
+                        "detail": detail,
                         "events": len(pending),
                         "retry_in": round(delay, 3),
                     },
@@ -281,20 +283,21 @@ class Buffer:
         finally:
             self._release(chunk.nbytes)
 
-    async def _attempt(self, lines: list[bytes]) -> tuple[str, list[bytes]]:
-        """One sink write: the failure reason and the lines to retry (none: all done)."""
+    async def _attempt(self, lines: list[bytes]) -> tuple[str, str, list[bytes]]:
+        """One sink write: the failure reason, its detail for the log, and the lines to retry
+        (none: all done)."""
         started = self._clock()
         timeout = None if self._deadline is None else max(0.0, self._deadline - started)
         try:
             async with asyncio.timeout(timeout):
                 result = await self.sink.write(lines)
         except RetryableError as exc:
-            return exc.reason, lines
+            return exc.reason, str(exc), lines
         except TimeoutError:
-            return "shutdown_deadline", lines
+            return "shutdown_deadline", "the stop deadline passed during the attempt", lines
         except Exception as exc:  # a sink bug must not lose the chunk: treat as retryable
             log.exception("sink raised unexpectedly", extra={"destination": self.name})
-            return f"sink_error:{type(exc).__name__}", lines
+            return "sink_error", repr(exc), lines
         finally:
             self._m_flush.observe(self._clock() - started)
         failed = len(result.retry) + sum(len(v) for v in result.rejected.values())
@@ -311,7 +314,7 @@ class Buffer:
                 extra={"destination": self.name, "reason": reason, "events": len(rejected)},
             )
             self._hand_on(rejected, reason)
-        return "partial_failure", result.retry
+        return "partial_failure", f"{len(result.retry)} events refused", result.retry
 
     def _give_up_reason(self, chunk: Chunk, now: float) -> str | None:
         s = self.settings

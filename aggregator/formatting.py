@@ -133,7 +133,11 @@ class Formatter:
             lines = self._encode_fast(tag, entries)
         except (orjson.JSONEncodeError, ValueError, TypeError):
             lines = [self._encode_checked(tag, entry) for entry in entries]
-        return lines, sum(map(len, lines))
+        # orjson returns each result in a 4 KiB allocation: kept in a buffer, a 300-byte event
+        # would hold 4 KiB of memory. One join and one split (both in C; orjson escapes every
+        # newline inside strings) give exact-size copies and free orjson's at once.
+        data = b"".join(lines)
+        return data.splitlines(keepends=True), len(data)
 
     def _encode_fast(self, tag: str, entries: Sequence[Any]) -> list[bytes]:
         """One tight loop per inject shape, with no per-event calls but orjson's and the time

@@ -80,3 +80,19 @@ def test_malformed_entries_refuse_the_message(entries: Any) -> None:
 def test_extra_entry_elements_are_ignored() -> None:
     lines, _ = PLAIN.encode("t", [[1, {"a": 1}, "extra"]])
     assert decode(lines) == [{"a": 1}]
+
+
+def test_encoded_lines_hold_about_their_own_size_in_memory() -> None:
+    # orjson's results are 4 KiB allocations; a buffer of them would hold ten times its data.
+    import tracemalloc
+
+    fmt = Formatter(Inject(tag_key="tag"))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [fmt.encode("t", [[1, {"log": "x" * 250}] for _ in range(100)]) for _ in range(20)]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    data = sum(nbytes for _, nbytes in kept)
+    assert held < data * 1.6, f"{held} bytes held for {data} bytes of events"
