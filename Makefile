@@ -23,13 +23,13 @@ run: $(VENV)/.installed
 	$(BIN)/aggregator run -c $(CONFIG)
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check aggregator tests
-	$(BIN)/mypy
+	$(BIN)/ruff check aggregator tests benchmarks
+	$(BIN)/mypy aggregator benchmarks
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check aggregator tests
-	$(BIN)/mypy
+	$(BIN)/ruff check aggregator tests benchmarks
+	$(BIN)/mypy aggregator benchmarks
 
 check-config: $(VENV)/.installed
 	$(BIN)/aggregator check -c $(CONFIG)

@@ -6,6 +6,10 @@ turns into ``ClientError`` with that code. Signatures are not checked.
 
 Faults are plain attributes, changed at any time from the event loop (or through
 :class:`EmulatorThread`, or ``POST /_emulator/config`` from another process).
+
+Counting stays cheap so that the emulator is never what a benchmark measures: with
+``keep_records=False`` an accepted record costs its base64 decode, a ``len`` and a newline count,
+all in C. Whoever needs more (a benchmark sampling latency) passes an ``on_accept`` hook.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from base64 import b64decode
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Future
+from itertools import repeat
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -30,8 +35,14 @@ MAX_RECORDS = 500
 MAX_RECORD_BYTES = 1_000 * 1024
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 FAULT_FIELDS = ("fail_rate", "throttle_rate", "latency")
+SETTINGS = (*FAULT_FIELDS, "lose_records", "stalled", "streams")
 
 T = TypeVar("T")
+
+AcceptHook = Callable[[str, list[bytes]], None]
+"""Called on the event loop with a stream name and the data of the records just accepted on it
+(after base64 decoding), before the reply is sent. It must be quick; an exception fails the
+call with HTTP 500 and its records are not counted as accepted."""
 
 
 class _ApiError(Exception):
@@ -55,6 +66,8 @@ class FirehoseEmulator:
         streams: Iterable[str] | None = None,
         keep_records: bool = True,
         seed: int | None = None,
+        lose_records: int = 0,
+        on_accept: AcceptHook | None = None,
     ) -> None:
         self.fail_rate = fail_rate
         """Probability that each record fails on its own (ErrorCode ServiceUnavailableException)."""
@@ -64,7 +77,11 @@ class FirehoseEmulator:
         """Seconds added to every call."""
         self.streams: frozenset[str] | None = None if streams is None else frozenset(streams)
         """Known delivery streams; None accepts any name."""
+        self.lose_records = _count(lose_records, "lose_records")
+        """The next this many records are answered as successful and then discarded, as by a
+        sink that loses data (never counted as accepted, only in ``lost_records``)."""
         self.keep_records = keep_records
+        self.on_accept = on_accept
         self.random = random.Random(seed)
         self.records: dict[str, list[bytes]] = {}
         """Every accepted record's data, by stream (when ``keep_records``)."""
@@ -84,6 +101,9 @@ class FirehoseEmulator:
         self.failed_records = 0
         self.accepted_records = 0
         self.accepted_bytes = 0
+        self.accepted_events = 0
+        """Newline-terminated lines in accepted data: events, whether records are aggregated."""
+        self.lost_records = 0
         self.accepted_by_stream: dict[str, int] = {}
         self.records = {}
 
@@ -95,6 +115,8 @@ class FirehoseEmulator:
             "failed_records": self.failed_records,
             "accepted_records": self.accepted_records,
             "accepted_bytes": self.accepted_bytes,
+            "accepted_events": self.accepted_events,
+            "lost_records": self.lost_records,
             "accepted_by_stream": dict(self.accepted_by_stream),
             **self.config(),
         }
@@ -104,6 +126,7 @@ class FirehoseEmulator:
             "fail_rate": self.fail_rate,
             "throttle_rate": self.throttle_rate,
             "latency": self.latency,
+            "lose_records": self.lose_records,
             "stalled": self._stalled,
             "streams": None if self.streams is None else sorted(self.streams),
         }
@@ -126,9 +149,9 @@ class FirehoseEmulator:
         return self._stalled
 
     def configure(self, **changes: Any) -> dict[str, Any]:
-        """Change any of fail_rate, throttle_rate, latency (numbers), stalled (bool) and streams
-        (a list of known stream names, or None to accept any)."""
-        unknown = set(changes) - {*FAULT_FIELDS, "stalled", "streams"}
+        """Change any of fail_rate, throttle_rate, latency (numbers), lose_records (a count),
+        stalled (bool) and streams (a list of known stream names, or None to accept any)."""
+        unknown = set(changes) - set(SETTINGS)
         if unknown:
             raise ValueError(f"unknown emulator settings: {', '.join(sorted(unknown))}")
         for name in FAULT_FIELDS:
@@ -137,6 +160,8 @@ class FirehoseEmulator:
                 if value < 0 or (name != "latency" and value > 1):
                     raise ValueError(f"{name} out of range: {value}")
                 setattr(self, name, value)
+        if "lose_records" in changes:
+            self.lose_records = _count(changes["lose_records"], "lose_records")
         if "streams" in changes:
             streams = changes["streams"]
             if streams is not None and (
@@ -223,11 +248,33 @@ class FirehoseEmulator:
         return self._accept(stream, datas)
 
     def _accept(self, stream: str, datas: list[bytes]) -> dict[str, Any]:
+        if self.fail_rate > 0 or self.lose_records > 0:
+            accepted, responses, failed = self._decide_each(datas)
+        else:  # the benchmark's path: no decision per record, so none of its Python cost
+            accepted, responses, failed = datas, self._successes(len(datas)), 0
+        if self.on_accept is not None and accepted:
+            self.on_accept(stream, accepted)
+        self.failed_records += failed
+        self.accepted_records += len(accepted)
+        self.accepted_bytes += sum(map(len, accepted))
+        self.accepted_events += sum(map(bytes.count, accepted, repeat(b"\n")))
+        self.accepted_by_stream[stream] = self.accepted_by_stream.get(stream, 0) + len(accepted)
+        if self.keep_records:
+            self.records.setdefault(stream, []).extend(accepted)
+        return {"FailedPutCount": failed, "Encrypted": False, "RequestResponses": responses}
+
+    def _successes(self, n: int) -> list[dict[str, str]]:
+        first = self._next_id + 1
+        self._next_id += n
+        return [{"RecordId": f"{i:032x}"} for i in range(first, first + n)]
+
+    def _decide_each(self, datas: list[bytes]) -> tuple[list[bytes], list[dict[str, str]], int]:
+        """Per-record faults: the records kept, every record's reply entry, how many failed."""
         fail_rate = self.fail_rate
         draw = self.random.random
-        kept = self.records.setdefault(stream, []) if self.keep_records else None
+        accepted: list[bytes] = []
         responses: list[dict[str, str]] = []
-        failed = accepted_bytes = 0
+        failed = 0
         for data in datas:
             if fail_rate > 0 and draw() < fail_rate:
                 failed += 1
@@ -235,17 +282,13 @@ class FirehoseEmulator:
                     {"ErrorCode": "ServiceUnavailableException", "ErrorMessage": "Slow down."}
                 )
                 continue
-            self._next_id += 1
-            responses.append({"RecordId": f"{self._next_id:032x}"})
-            accepted_bytes += len(data)
-            if kept is not None:
-                kept.append(data)
-        accepted = len(datas) - failed
-        self.failed_records += failed
-        self.accepted_records += accepted
-        self.accepted_bytes += accepted_bytes
-        self.accepted_by_stream[stream] = self.accepted_by_stream.get(stream, 0) + accepted
-        return {"FailedPutCount": failed, "Encrypted": False, "RequestResponses": responses}
+            responses.extend(self._successes(1))
+            if self.lose_records > 0:
+                self.lose_records -= 1
+                self.lost_records += 1
+                continue
+            accepted.append(data)
+        return accepted, responses, failed
 
     # --- control endpoints -----------------------------------------------------------------
 
@@ -296,6 +339,12 @@ def _parse_put_record_batch(body: Any) -> tuple[str, list[bytes]]:
     if sum(map(len, datas)) > MAX_REQUEST_BYTES:
         raise _ApiError("InvalidArgumentException", "Records exceed 4 MiB in total")
     return stream, datas
+
+
+def _count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a count (an integer >= 0): {value!r}")
+    return value
 
 
 def _json_response(
@@ -388,8 +437,8 @@ class EmulatorThread:
         return self._call(self.emulator.stats)
 
     def configure(self, **changes: Any) -> dict[str, Any]:
-        """Change fail_rate, throttle_rate, latency, stalled or streams; returns the new
-        settings."""
+        """Change fail_rate, throttle_rate, latency, lose_records, stalled or streams; returns
+        the new settings."""
         return self._call(lambda: self.emulator.configure(**changes))
 
     def stall(self) -> None:

@@ -208,6 +208,7 @@ def test_http_stats_config_reset_and_records(emulator: EmulatorThread) -> None:
         "fail_rate": 1.0,
         "throttle_rate": 0.0,
         "latency": 0.01,
+        "lose_records": 0,
         "stalled": False,
         "streams": None,
     }
@@ -280,3 +281,53 @@ def test_command_line() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_accepted_events_count_lines_of_aggregated_records(emulator: EmulatorThread) -> None:
+    client(emulator).put_record_batch(
+        DeliveryStreamName="s", Records=[{"Data": b"a\nb\nc\n"}, {"Data": b"d\n"}]
+    )
+    stats = emulator.stats()
+    assert stats["accepted_records"] == 2
+    assert stats["accepted_events"] == 4
+    emulator.reset()
+    assert emulator.stats()["accepted_events"] == 0
+
+
+def test_on_accept_sees_only_accepted_data() -> None:
+    seen: list[tuple[str, list[bytes]]] = []
+    with EmulatorThread(
+        keep_records=False, fail_rate=0.5, seed=5, on_accept=lambda s, d: seen.append((s, d))
+    ) as emu:
+        reply = client(emu).put_record_batch(DeliveryStreamName="s", Records=records(40))
+        ok = [
+            r["Data"]
+            for r, answer in zip(records(40), reply["RequestResponses"], strict=True)
+            if "RecordId" in answer
+        ]
+        assert 0 < len(ok) < 40
+        assert seen == [("s", ok)]
+        assert emu.stats()["accepted_events"] == len(ok)
+
+
+def test_lose_records_answers_success_but_discards(emulator: EmulatorThread) -> None:
+    assert emulator.configure(lose_records=2)["lose_records"] == 2
+    reply = client(emulator).put_record_batch(DeliveryStreamName="s", Records=records(5))
+    assert reply["FailedPutCount"] == 0
+    assert all("RecordId" in r for r in reply["RequestResponses"])
+    assert emulator.records("s") == [r["Data"] for r in records(5)[2:]]
+    stats = emulator.stats()
+    assert (stats["accepted_records"], stats["accepted_events"], stats["lost_records"]) == (3, 3, 2)
+    assert stats["lose_records"] == 0
+    assert http(emulator, "/_emulator/config", {"lose_records": 1})[0] == 200
+    client(emulator).put_record_batch(DeliveryStreamName="s", Records=records(1))
+    assert emulator.stats()["lost_records"] == 3
+    for bad in (-1, 1.5, True, "2"):
+        assert http(emulator, "/_emulator/config", {"lose_records": bad})[0] == 400
+
+
+def test_command_line_lose_records() -> None:
+    from aggregator.emulator.__main__ import build_parser, emulator_options
+
+    options = emulator_options(build_parser().parse_args(["--lose-records", "3"]))
+    assert FirehoseEmulator(**options).lose_records == 3

@@ -1,0 +1,194 @@
+"""``python -m benchmarks run ...`` measures; ``python -m benchmarks size ...`` sizes a fleet."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks import sizing
+from benchmarks.config import RunConfig
+from benchmarks.runner import run_benchmark
+from benchmarks.templates import MODES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="Benchmarks of the aggregator."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = RunConfig()
+
+    run = commands.add_parser(
+        "run",
+        help="run the aggregator under load and report",
+        description="Start the sink, the aggregator and the load generator; measure; check "
+        "that every event arrived (exit status 1 when not).",
+    )
+    load = run.add_argument_group("load")
+    load.add_argument("--mode", choices=MODES, default=defaults.mode)
+    load.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=defaults.batch,
+        help="events per message in forward and packed modes (%(default)s)",
+    )
+    load.add_argument(
+        "--event-size",
+        type=int,
+        default=defaults.event_size,
+        help="bytes of each event's JSON line (%(default)s)",
+    )
+    load.add_argument("--connections", type=_positive_int, default=defaults.connections)
+    load.add_argument(
+        "--senders",
+        type=int,
+        default=defaults.senders,
+        help="load generator processes (0: one per core left by the workers)",
+    )
+    load.add_argument("--ack", action="store_true", help="ask for an ack of every message")
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=defaults.rate,
+        help="events/s in total; 0: as fast as the aggregator takes them",
+    )
+    load.add_argument("--duration", type=float, default=defaults.duration, help="seconds")
+    service = run.add_argument_group("aggregator")
+    service.add_argument("--workers", type=_positive_int, default=defaults.workers)
+    service.add_argument(
+        "--aggregate", action="store_true", help="pack many events per Firehose record"
+    )
+    service.add_argument("--flush-interval", default=defaults.flush_interval)
+    service.add_argument("--chunk-limit", default=defaults.chunk_limit)
+    service.add_argument("--total-limit", default=defaults.total_limit)
+    service.add_argument("--flush-threads", type=_positive_int, default=defaults.flush_threads)
+    faults = run.add_argument_group("sink")
+    faults.add_argument(
+        "--stall-at",
+        type=float,
+        metavar="S",
+        help="stall the sink S seconds into the load (with --stall-for)",
+    )
+    faults.add_argument("--stall-for", type=float, metavar="S")
+    faults.add_argument("--fail-rate", type=float, default=0.0, help="per-record failure odds")
+    faults.add_argument("--throttle-rate", type=float, default=0.0, help="per-call odds")
+    faults.add_argument("--sink-latency", type=float, default=0.0, help="seconds per call")
+    faults.add_argument(
+        "--lose-records",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the sink acknowledges N records and discards them (proves that loss is detected)",
+    )
+    faults.add_argument(
+        "--sample-every",
+        type=_positive_int,
+        default=defaults.sample_every,
+        help="latency: read the send time of 1 event in K",
+    )
+    output = run.add_argument_group("output")
+    output.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="result file (default: benchmarks/results/<time>-<mode>.json)",
+    )
+    output.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the workers; writes <result>.profile.txt (slows the aggregator)",
+    )
+    output.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="S",
+        help="longest wait for the last events (default: flush interval + 30)",
+    )
+
+    size = commands.add_parser(
+        "size",
+        help="turn per-core figures into a Fargate task count",
+        description="Cores = load ÷ (per-core throughput x 70 %%); at least two tasks.",
+    )
+    size.add_argument("--mb-per-s", type=float, help="the load to carry, MB/s")
+    size.add_argument("--events-per-s", type=float, help="the load to carry, events/s")
+    size.add_argument(
+        "--results",
+        type=Path,
+        metavar="FILE.json",
+        help="a run's result (default: the newest in benchmarks/results/)",
+    )
+    size.add_argument("--per-core-mb-s", type=float, help="per-core MB/s, instead of a result")
+    size.add_argument(
+        "--per-core-events-s", type=float, help="per-core events/s, instead of a result"
+    )
+    return parser
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        workers=args.workers,
+        mode=args.mode,
+        batch=args.batch,
+        event_size=args.event_size,
+        connections=args.connections,
+        senders=args.senders,
+        ack=args.ack,
+        rate=args.rate,
+        duration=args.duration,
+        aggregate=args.aggregate,
+        flush_interval=args.flush_interval,
+        chunk_limit=args.chunk_limit,
+        total_limit=args.total_limit,
+        flush_threads=args.flush_threads,
+        stall_at=args.stall_at,
+        stall_for=args.stall_for,
+        fail_rate=args.fail_rate,
+        throttle_rate=args.throttle_rate,
+        sink_latency=args.sink_latency,
+        lose_records=args.lose_records,
+        sample_every=args.sample_every,
+        drain_timeout=args.drain_timeout,
+        json_path=args.json,
+        profile=args.profile,
+    )
+
+
+def _sizing_text(args: argparse.Namespace) -> str:
+    if args.per_core_mb_s is not None or args.per_core_events_s is not None:
+        per_core = sizing.PerCore(args.per_core_mb_s, args.per_core_events_s, "given")
+    else:
+        path = args.results or sizing.newest_result()
+        per_core = sizing.per_core_from_result(sizing.load_result(path), str(path))
+    return sizing.render(per_core, args.mb_per_s, args.events_per_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "size":
+            print(_sizing_text(args))
+            return 0
+        config = _config(args)
+    except (ValueError, OSError) as exc:  # bad settings, or a results file that is not there
+        parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
+    try:
+        return run_benchmark(config).exit_status
+    except KeyboardInterrupt:
+        return 130
+    except (RuntimeError, OSError) as exc:  # a part did not start, or the machine refused
+        print(f"{parser.prog} run: failed: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The aggregator under test: its config file, its processes, and what it reports about itself."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks import procfs
+from benchmarks.config import RunConfig
+
+STREAM = "bench"
+READY = '"worker":"supervisor","message":"ready"'
+
+
+def render_config(config: RunConfig, endpoint_url: str) -> str:
+    """The aggregator's TOML for a run: every event to one Firehose stream at ``endpoint_url``;
+    ports 0, since the supervisor's ready line says which ones it got."""
+    return f"""\
+[server]
+workers = {config.workers}
+log_level = "info"
+drain_quiet_period = "200ms"
+drain_timeout = "5s"
+shutdown_timeout = "60s"
+
+[[sources]]
+type = "forward"
+bind = "127.0.0.1"
+port = 0
+
+[[sources]]
+type = "http"
+bind = "127.0.0.1"
+port = 0
+
+[[routes]]
+match = "**"
+destination = "fh"
+
+[destinations.fh]
+type = "firehose"
+delivery_stream = "{STREAM}"
+region = "us-east-1"
+endpoint_url = "{endpoint_url}"
+aggregate = {"true" if config.aggregate else "false"}
+
+[destinations.fh.buffer]
+flush_interval = "{config.flush_interval}"
+chunk_limit_size = "{config.chunk_limit}"
+total_limit_size = "{config.total_limit}"
+flush_thread_count = {config.flush_threads}
+"""
+
+
+def service_env() -> dict[str, str]:
+    """Fake credentials, and nothing of the user's AWS setup that could redirect the calls."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+    )
+    return env
+
+
+@dataclass
+class Service:
+    """A running ``aggregator run``: a supervisor and its worker processes."""
+
+    proc: subprocess.Popen[bytes]
+    forward_port: int
+    http_port: int
+    log_path: Path
+
+    @classmethod
+    def start(
+        cls,
+        config_text: str,
+        workers: int,
+        workdir: Path,
+        ready_timeout: float = 30.0,
+        extra_env: dict[str, str] | None = None,
+    ) -> Service:
+        config_path = workdir / "aggregator.toml"
+        config_path.write_text(config_text)
+        log_path = workdir / "aggregator.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "aggregator",
+                    "run",
+                    "-c",
+                    str(config_path),
+                    "--workers",
+                    str(workers),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={**service_env(), **(extra_env or {})},
+                start_new_session=True,  # a terminal's Ctrl-C must not stop it before we do
+            )
+        deadline = time.monotonic() + ready_timeout
+        while (ready := _ready_line(log_path)) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                raise RuntimeError(f"the aggregator did not start:\n{_tail(log_path)}")
+            time.sleep(0.05)
+        ports = ready["ports"]
+        return cls(proc, int(ports["forward"]), int(ports["http"]), log_path)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def worker_pids(self) -> list[int]:
+        return procfs.children(self.proc.pid)
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the supervisor and every worker, including restarted ones."""
+        return procfs.tree_cpu_seconds(self.proc.pid)
+
+    def worker_memory(self, field: str) -> dict[int, int]:
+        """``VmRSS`` (now) or ``VmHWM`` (peak) of each live worker, in bytes."""
+        sizes = {}
+        for pid in self.worker_pids():
+            try:
+                sizes[pid] = procfs.status_bytes(pid, field)
+            except (OSError, KeyError):  # exited meanwhile
+                continue
+        return sizes
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of GET /metrics summed over its labels, by sample name."""
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        totals: dict[str, float] = defaultdict(float)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                totals[sample.name] += sample.value
+        return dict(totals)
+
+    def has_finished(self, sent_events: int) -> bool:
+        """True when the aggregator has read every sent event and settled each one (delivered,
+        dropped or handed to a secondary) with nothing left in its buffers: after this, what
+        the sink lacks is lost."""
+        try:
+            m = self.metrics()
+        except OSError:  # not answering (busy, or gone): it has not said it is done
+            return False
+        received = m.get("aggregator_input_events_total", 0.0)
+        settled = sum(
+            m.get(name, 0.0)
+            for name in (
+                "aggregator_output_events_total",
+                "aggregator_dropped_events_total",
+                "aggregator_secondary_events_total",
+            )
+        )
+        buffered = m.get("aggregator_buffer_bytes", 0.0)
+        return received >= sent_events and settled >= received and buffered == 0
+
+    def stop(self, timeout: float = 90.0) -> int:
+        """SIGTERM (a graceful stop that flushes everything), then the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            for pid in self.worker_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.kill()
+        self.proc.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return _tail(self.log_path, lines)
+
+
+def _ready_line(log_path: Path) -> dict[str, Any] | None:
+    for line in log_path.read_text(errors="replace").splitlines():
+        if READY in line:
+            ready: dict[str, Any] = json.loads(line)
+            return ready
+    return None
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

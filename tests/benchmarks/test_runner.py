@@ -1,0 +1,101 @@
+"""The real runner: sink, aggregator and load generator processes on 127.0.0.1, short runs.
+
+No timing assertions: only that the run completes, that the counts add up, and that a sink
+which loses an event makes the run fail."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.config import RunConfig
+from benchmarks.runner import run_benchmark
+
+RESULT_KEYS = {
+    "schema",
+    "started_at",
+    "config",
+    "machine",
+    "ok",
+    "exit_status",
+    "problems",
+    "sent",
+    "delivered",
+    "lost_events",
+    "duplicated_events",
+    "window_s",
+    "cpu",
+    "memory",
+    "latency_ms",
+    "firehose",
+    "stall",
+    "harness_cpu_seconds",
+    "profile",
+    "aggregator_exit_status",
+}
+
+
+def small(tmp_path: Path, **changes: Any) -> RunConfig:
+    settings: dict[str, Any] = {
+        "workers": 1,
+        "connections": 4,
+        "rate": 1000.0,
+        "duration": 2.0,
+        "flush_interval": "200ms",
+        "drain_timeout": 15.0,
+        "json_path": tmp_path / "result.json",
+        **changes,
+    }
+    return RunConfig(**settings)
+
+
+def test_a_small_run_delivers_every_event_and_writes_its_result(tmp_path: Path) -> None:
+    out = io.StringIO()
+    result = run_benchmark(small(tmp_path, mode="message", ack=True), out)
+
+    assert result.exit_status == 0, out.getvalue()
+    assert result.sent.events > 0
+    assert result.delivered_events == result.sent.events
+    assert result.sent.acks == result.sent.messages == result.sent.events
+    assert result.lost == result.duplicated == 0
+
+    document = orjson.loads((tmp_path / "result.json").read_bytes())
+    assert set(document) == RESULT_KEYS
+    assert document["ok"] is True
+    assert document["sent"]["events"] == document["delivered"]["events"] == result.sent.events
+    assert document["delivered"]["bytes"] == result.sent.events * 300
+    assert document["aggregator_exit_status"] == 0
+    assert document["cpu"]["seconds"] > 0
+    assert document["latency_ms"]["samples"] > 0
+    assert len(document["memory"]["peak_rss_bytes_per_worker"]) == 1
+    assert document["config"]["mode"] == "message"
+    assert {"nproc", "cpu_model", "memory_bytes", "python"} <= set(document["machine"])
+    text = out.getvalue()
+    assert "every event delivered" in text
+    assert str(tmp_path / "result.json") in text
+
+
+def test_a_lost_event_is_detected(tmp_path: Path) -> None:
+    out = io.StringIO()
+    config = small(tmp_path, mode="packed", batch=10, lose_records=1)
+    result = run_benchmark(config, out)
+
+    assert result.sent.events > 0
+    assert result.lost == 1
+    assert result.exit_status != 0
+    assert f"LOST {result.lost:,} events" in out.getvalue()
+    document = orjson.loads((tmp_path / "result.json").read_bytes())
+    assert document["ok"] is False
+    assert document["lost_events"] == result.lost
+
+
+def test_bad_settings_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--stall-at", "1"])
+    assert exited.value.code == 2
+    assert "stall_at and stall_for go together" in capsys.readouterr().err
