@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from itertools import repeat
+from typing import Any, NamedTuple
 
 
 class Record(NamedTuple):
@@ -20,6 +21,9 @@ class Record(NamedTuple):
 
     data: bytes
     lines: Sequence[bytes]
+
+
+_new_record: Any = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -46,9 +50,11 @@ def build_records(lines: list[bytes], *, aggregate: bool, record_max_size: int) 
 
 
 def _one_per_line(lines: list[bytes], limit: int) -> RecordSet:
-    # The common case (no oversize line) is one C-level pass plus the list of records.
+    # The common case (no oversize line) builds every (line, (line,)) record in C:
+    # NamedTuple's own constructor is a Python function, too slow to call once per event.
     if max(map(len, lines), default=0) <= limit:
-        return RecordSet([Record(line, (line,)) for line in lines])
+        pairs = zip(lines, zip(lines, strict=True), strict=True)
+        return RecordSet(list(map(_new_record, repeat(Record), pairs)))
     out = RecordSet()
     for line in lines:
         if len(line) > limit:
