@@ -30,6 +30,11 @@ from aggregator.sinks.base import RetryableError, Sink
 
 log = logging.getLogger(__name__)
 
+LINE_OVERHEAD = 56
+"""Bytes of memory a buffered line costs beyond its text: the bytes object's header and
+allocation rounding, and its slot in the chunk's list. Counted against ``total_limit_size`` so
+that the limit bounds memory, not just text."""
+
 STATE_PUBLISH_INTERVAL = 1.0
 """Seconds between two updates of the buffer gauges (health reads them) when nothing happens;
 updating them per append would cost more than the append."""
@@ -48,6 +53,11 @@ class Chunk:
     created: float
     attempts: int = 0
     first_failure: float | None = field(default=None)
+
+
+def _memory(chunk: Chunk) -> int:
+    """What a chunk costs against ``total_limit_size``: its bytes and their bookkeeping."""
+    return chunk.nbytes + LINE_OVERHEAD * len(chunk.lines)
 
 
 def backoff(attempt: int, wait: float, max_interval: float, rng: random.Random) -> float:
@@ -145,7 +155,7 @@ class Buffer:
             else:
                 chunk.lines += lines
                 chunk.nbytes += nbytes
-        self._bytes += nbytes
+        self._bytes += nbytes + LINE_OVERHEAD * len(lines)
         if (
             chunk.nbytes >= self.settings.chunk_limit_size
             or len(chunk.lines) >= self.settings.chunk_limit_records
@@ -173,7 +183,7 @@ class Buffer:
             extra={"destination": self.name, "events": len(chunk.lines)},
         )
         self._drop(chunk.lines, "buffer_overflow")
-        self._release(chunk.nbytes)
+        self._release(_memory(chunk))
         return True
 
     # --- the output side --------------------------------------------------------------------
@@ -281,7 +291,7 @@ class Buffer:
                 )
                 await asyncio.sleep(delay)
         finally:
-            self._release(chunk.nbytes)
+            self._release(_memory(chunk))
 
     async def _attempt(self, lines: list[bytes]) -> tuple[str, str, list[bytes]]:
         """One sink write: the failure reason, its detail for the log, and the lines to retry

@@ -52,7 +52,8 @@ UNMATCHED_EVENTS = Counter(
 
 # --- buffers ---
 BUFFER_BYTES = Gauge(
-    "aggregator_buffer_bytes", "Bytes buffered (open, queued and in-flight chunks).",
+    "aggregator_buffer_bytes",
+    "Memory held by buffered events (open, queued and in-flight chunks; JSON and bookkeeping).",
     ["destination"], registry=REGISTRY, multiprocess_mode="livesum",
 )  # fmt: skip
 BUFFER_CHUNKS = Gauge(

@@ -131,7 +131,11 @@ async def serve(
         watchdog = loop.create_task(worker.watch_supervisor(supervisor))
     else:
         loop.add_signal_handler(signal.SIGINT, worker.request_stop)
-    await worker.start(listeners)
+    try:
+        await worker.start(listeners)
+    except (ValueError, OSError) as exc:  # a destination that cannot start: say why, plainly
+        log.error(f"cannot start: {exc}")
+        return EXIT_CONFIG
     log.info("ready", extra={"ports": worker.ports(), "pid": os.getpid()})
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")

@@ -106,7 +106,10 @@ class BufferSettings(Strict):
     )
     flush_interval: Duration = Field(1.0, gt=0, description="A chunk is flushed at this age.")
     total_limit_size: Size = Field(
-        256 * 1024 * 1024, gt=0, description="Bytes buffered (queued + in flight) at most."
+        256 * 1024 * 1024,
+        gt=0,
+        description="Memory the buffer may hold (open, queued and in-flight chunks): the events' "
+        "JSON plus about 56 bytes of bookkeeping per event.",
     )
     flush_thread_count: int = Field(
         4, ge=1, le=256, description="Chunks being delivered at the same time."

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from typing import Any, NamedTuple
 
@@ -136,6 +137,13 @@ def error_code(status: int, payload: bytes) -> tuple[str, str]:
     return code, message
 
 
+def default_endpoint(region: str) -> str:
+    """Firehose's public endpoint in ``region`` (China regions have their own DNS suffix); any
+    other endpoint (FIPS, VPC) is set with ``endpoint_url``."""
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"https://firehose.{region}.{suffix}"
+
+
 class FirehoseService:
     """PutRecordBatch calls to one delivery stream, over one reused connection pool."""
 
@@ -157,12 +165,17 @@ class FirehoseService:
     async def start(self) -> None:
         settings = self._settings
         session = AioSession()
-        # A client only to resolve the endpoint and region the way every AWS SDK does.
-        async with session.create_client(
-            "firehose", region_name=settings.region, endpoint_url=settings.endpoint_url
-        ) as client:
-            self._url = client.meta.endpoint_url
-            self._region = client.meta.region_name
+        # AWS_REGION is what ECS sets and newer SDKs read; botocore reads AWS_DEFAULT_REGION.
+        region = (
+            settings.region or os.environ.get("AWS_REGION") or session.get_config_variable("region")
+        )
+        if not region:
+            raise ValueError(
+                f"destination {self._destination}: no AWS region; set `region` or AWS_REGION"
+            )
+        self._region = region
+        # Not a botocore client: its endpoint and service models cost ~20 MiB per worker.
+        self._url = settings.endpoint_url or default_endpoint(region)
         self._credentials = await session.get_credentials()
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=MAX_POOL_CONNECTIONS),

@@ -189,3 +189,10 @@ def test_put_before_start_is_a_bug(emulator: EmulatorThread) -> None:
     service = FirehoseService("svc-early", settings(emulator.endpoint_url))
     with pytest.raises(RuntimeError):
         asyncio.run(service.put_batch(batch_of(LINES)))
+
+
+def test_default_endpoints() -> None:
+    from aggregator.sinks.firehose.service import default_endpoint
+
+    assert default_endpoint("us-west-2") == "https://firehose.us-west-2.amazonaws.com"
+    assert default_endpoint("cn-north-1") == "https://firehose.cn-north-1.amazonaws.com.cn"
