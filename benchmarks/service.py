@@ -55,6 +55,7 @@ delivery_stream = "{STREAM}"
 region = "us-east-1"
 endpoint_url = "{endpoint_url}"
 aggregate = {"true" if config.aggregate else "false"}
+request_timeout = "{request_timeout(config):g}s"
 
 [destinations.fh.buffer]
 flush_interval = "{config.flush_interval}"
@@ -62,6 +63,12 @@ chunk_limit_size = "{config.chunk_limit}"
 total_limit_size = "{config.total_limit}"
 flush_thread_count = {config.flush_threads}
 """
+
+
+def request_timeout(config: RunConfig) -> float:
+    """Longer than any stall: a call given up on while the sink holds it would be sent again
+    and then counted twice (at-least-once delivery), which is not what a stall run measures."""
+    return max(30.0, (config.stall_for or 0.0) + 30.0)
 
 
 def service_env() -> dict[str, str]:

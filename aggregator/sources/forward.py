@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_REPLY = b"\x00"
 """What Fluentd's in_forward answers to a UDP heartbeat."""
 
+FAIR_READ_BYTES = 64 * 1024
+"""A read at least this big suggests more is waiting: the connection yields the loop."""
+
 
 class ForwardConnection(asyncio.Protocol):
     def __init__(self, server: ForwardServer) -> None:
@@ -61,6 +64,18 @@ class ForwardConnection(asyncio.Protocol):
             return
         if self._pending is None:
             self._process()
+        transport = self._transport
+        if len(data) >= FAIR_READ_BYTES and self._pending is None and transport is not None:
+            # libuv keeps reading a busy socket (up to 32 reads) before anything else runs: a
+            # few fast senders would starve deliveries and /api/health for seconds. After a
+            # big read, step aside until the next loop iteration.
+            transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._resume_after_yield)
+
+    def _resume_after_yield(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing() and self._pending is None:
+            transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too: a client that half-closes is done
