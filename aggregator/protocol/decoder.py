@@ -24,7 +24,7 @@ import msgpack
 from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, Batch, Message, ProtocolError
 
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
-DEFAULT_BATCH_ENTRIES = 1_000
+DEFAULT_BATCH_ENTRIES = 256
 """Fluentd's default chunk limit; a larger message closes the connection."""
 
 _unpack_event_time = struct.Struct(">II").unpack  # seconds, nanoseconds
