@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from aggregator.emulator.__main__ import add_fault_arguments
 from benchmarks import sizing
 from benchmarks.config import RunConfig
 from benchmarks.runner import run_benchmark
@@ -78,16 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stall the sink S seconds into the load (with --stall-for)",
     )
     faults.add_argument("--stall-for", type=float, metavar="S")
-    faults.add_argument("--fail-rate", type=float, default=0.0, help="per-record failure odds")
-    faults.add_argument("--throttle-rate", type=float, default=0.0, help="per-call odds")
-    faults.add_argument("--sink-latency", type=float, default=0.0, help="seconds per call")
-    faults.add_argument(
-        "--lose-records",
-        type=int,
-        default=0,
-        metavar="N",
-        help="the sink acknowledges N records and discards them (proves that loss is detected)",
-    )
+    add_fault_arguments(faults, latency="--sink-latency")
     faults.add_argument(
         "--sample-every",
         type=_positive_int,

@@ -16,15 +16,14 @@ from typing import Any
 from aggregator.emulator.firehose import FirehoseEmulator
 
 
-def build_parser(
-    prog: str = "python -m aggregator.emulator", description: str = "A fake Kinesis Data Firehose."
-) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+def add_fault_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, latency: str = "--latency"
+) -> None:
+    """The fault options (``latency`` names the latency option, e.g. ``--sink-latency`` where
+    the emulator is one part among others)."""
     parser.add_argument("--fail-rate", type=float, default=0.0, help="per-record failure odds")
     parser.add_argument("--throttle-rate", type=float, default=0.0, help="whole-call odds")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to each call")
+    parser.add_argument(latency, type=float, default=0.0, help="seconds added to each call")
     parser.add_argument(
         "--lose-records",
         type=int,
@@ -32,6 +31,15 @@ def build_parser(
         metavar="N",
         help="answer the next N records as successful, then discard them (a sink losing data)",
     )
+
+
+def build_parser(
+    prog: str = "python -m aggregator.emulator", description: str = "A fake Kinesis Data Firehose."
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    add_fault_arguments(parser)
     parser.add_argument("--seed", type=int, default=None, help="for reproducible faults")
     parser.add_argument(
         "--stream",

@@ -78,6 +78,19 @@ def send_with_acks(port: int, tag: str, ids: range, per_message: int = 50) -> No
         assert sorted(recv_acks(sock, len(chunks))) == sorted(chunks)
 
 
+def send_concurrently(port: int, total: int, per_connection: int) -> None:
+    """Events ``id`` 0..total-1 over total/per_connection connections at once, every message
+    acked before this returns."""
+    senders = [
+        threading.Thread(target=send_with_acks, args=(port, "app", range(i, i + per_connection)))
+        for i in range(0, total, per_connection)
+    ]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(60)
+
+
 def test_delivery_into_a_real_moto_firehose(
     moto_server: str, start_aggregator: StartAggregator
 ) -> None:
@@ -133,14 +146,7 @@ def test_partial_failures_and_throttling_deliver_exactly_once(
     agg = start_aggregator(
         firehose_config(emulator.endpoint_url, "faulty", chunk_limit_size="16KiB")
     )
-    senders = [
-        threading.Thread(target=send_with_acks, args=(agg.forward_port, "app", range(i, i + 1000)))
-        for i in range(0, 4000, 1000)
-    ]
-    for t in senders:
-        t.start()
-    for t in senders:
-        t.join(60)
+    send_concurrently(agg.forward_port, total=4000, per_connection=1000)
     wait_for(lambda: len(emulator.lines("faulty")) >= 4000, timeout=60)
     ids = Counter(orjson.loads(line)["id"] for line in emulator.lines("faulty"))
     assert sorted(ids) == list(range(4000))

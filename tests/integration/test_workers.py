@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -23,7 +22,7 @@ from tests.integration.conftest import (
     read_ndjson,
     wait_for,
 )
-from tests.integration.test_firehose import firehose_config, send_with_acks
+from tests.integration.test_firehose import firehose_config, send_concurrently
 
 HOUR_FLUSH = FILE_CONFIG.replace('flush_interval = "100ms"', 'flush_interval = "1h"')
 
@@ -138,14 +137,7 @@ def test_metrics_across_workers_equal_what_firehose_received(
     emulator: EmulatorThread, start_aggregator: StartAggregator
 ) -> None:
     agg = start_aggregator(firehose_config(emulator.endpoint_url, "counted"))
-    senders = [
-        threading.Thread(target=send_with_acks, args=(agg.forward_port, "app", range(i, i + 250)))
-        for i in range(0, 3000, 250)
-    ]
-    for t in senders:
-        t.start()
-    for t in senders:
-        t.join(60)
+    send_concurrently(agg.forward_port, total=3000, per_connection=250)
     wait_for(lambda: len(emulator.lines("counted")) >= 3000, timeout=30)
     received = emulator.stats()
     assert received["accepted_records"] == 3000

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
 
 import pytest
 
@@ -19,18 +18,7 @@ from aggregator.sinks.firehose.service import (
     classify_client_error,
     snake_case,
 )
-
-
-def settings(endpoint_url: str, stream: str = "events", **extra: Any) -> FirehoseDestination:
-    return FirehoseDestination.model_validate(
-        {
-            "type": "firehose",
-            "delivery_stream": stream,
-            "endpoint_url": endpoint_url,
-            "region": "us-east-1",
-            **extra,
-        }
-    )
+from tests.sinks.firehose.support import firehose_settings as settings
 
 
 def batch_of(lines: list[bytes]) -> Batch:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import boto3
 import pytest
@@ -15,20 +15,9 @@ from aggregator.config.model import FirehoseDestination
 from aggregator.emulator import EmulatorThread
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
 from aggregator.sinks.firehose import FirehoseSink
+from tests.sinks.firehose.support import firehose_settings as settings
 
 T = TypeVar("T")
-
-
-def settings(endpoint_url: str, stream: str = "events", **extra: Any) -> FirehoseDestination:
-    return FirehoseDestination.model_validate(
-        {
-            "type": "firehose",
-            "delivery_stream": stream,
-            "endpoint_url": endpoint_url,
-            "region": "us-east-1",
-            **extra,
-        }
-    )
 
 
 def with_sink(config: FirehoseDestination, use: Callable[[FirehoseSink], Awaitable[T]]) -> T:
