@@ -37,6 +37,7 @@ class ForwardConnection(asyncio.Protocol):
         self._decoder = ForwardDecoder(server.settings.message_length_limit)
         self._transport: asyncio.Transport | None = None
         self._pending: Batch | None = None  # the batch waiting for buffer room
+        self._waiting: asyncio.Task[None] | None = None  # held: the loop keeps weak references
         self._peer = "?"
         self.last_activity = time.monotonic()
         self._m_events = metrics.INPUT_EVENTS.labels(server.settings.name)
@@ -103,7 +104,9 @@ class ForwardConnection(asyncio.Protocol):
             if outcome is Outcome.BLOCKED:
                 self._pending = batch
                 transport.pause_reading()
-                asyncio.get_running_loop().create_task(self._resume_when_room(batch.tag))
+                self._waiting = asyncio.get_running_loop().create_task(
+                    self._resume_when_room(batch.tag)
+                )
                 return
             self._pending = None
             self._m_events.inc(len(batch.entries))
