@@ -25,6 +25,7 @@ from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, Batch, Message, Prot
 
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 DEFAULT_BATCH_ENTRIES = 256
+INITIAL_BUFFER_SIZE = 64 * 1024
 """Fluentd's default chunk limit; a larger message closes the connection."""
 
 _unpack_event_time = struct.Struct(">II").unpack  # seconds, nanoseconds
@@ -53,6 +54,9 @@ def _new_unpacker(max_size: int) -> Any:
         strict_map_key=False,
         ext_hook=_ext_hook,
         max_buffer_size=max_size,
+        # The buffer starts at read_size (msgpack's default: 1 MiB) and grows as needed; most
+        # connections (a Docker host's driver) send small messages and never need much.
+        read_size=min(max_size, INITIAL_BUFFER_SIZE),
     )
 
 
