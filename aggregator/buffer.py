@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from aggregator import metrics
 from aggregator.config.model import BufferSettings
+from aggregator.logs import Throttle
 from aggregator.sinks.base import RetryableError, Sink
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ LINE_OVERHEAD = 56
 """Bytes of memory a buffered line costs beyond its text: the bytes object's header and
 allocation rounding, and its slot in the chunk's list. Counted against ``total_limit_size`` so
 that the limit bounds memory, not just text."""
+
+RETRY_WARNING_INTERVAL = 5.0
+"""Seconds between two "will retry" log lines of one destination (every retry is counted in
+aggregator_retries_total)."""
 
 STATE_PUBLISH_INTERVAL = 1.0
 """Seconds between two updates of the buffer gauges (health reads them) when nothing happens;
@@ -101,6 +106,7 @@ class Buffer:
         self.last_success: float | None = None
         """Wall-clock time of the last successful delivery."""
 
+        self._retry_warning = Throttle(RETRY_WARNING_INTERVAL, clock)
         self._m_out_events = metrics.OUTPUT_EVENTS.labels(name)
         self._m_out_bytes = metrics.OUTPUT_BYTES.labels(name)
         self._m_bytes = metrics.BUFFER_BYTES.labels(name)
@@ -279,16 +285,18 @@ class Buffer:
                 if self._deadline is not None:
                     delay = min(delay, max(0.0, self._deadline - now))
                 self._m_retries.inc()
-                log.warning(
-                    "delivery failed, will retry",
-                    extra={
-                        "destination": self.name,
-                        "reason": reason,
-                        "detail": detail,
-                        "events": len(pending),
-                        "retry_in": round(delay, 3),
-                    },
-                )
+                if retries := self._retry_warning.hit():
+                    log.warning(
+                        "delivery failed, will retry",
+                        extra={
+                            "destination": self.name,
+                            "reason": reason,
+                            "detail": detail,
+                            "events": len(pending),
+                            "retry_in": round(delay, 3),
+                            "retries_since_last_line": retries,
+                        },
+                    )
                 await asyncio.sleep(delay)
         finally:
             self._release(_memory(chunk))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -49,3 +50,27 @@ def setup(level: str = "info", worker: int | str | None = None) -> None:
     # aiobotocore/botocore are chatty at info; their errors reach us as exceptions anyway.
     for noisy in ("botocore", "aiobotocore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Throttle:
+    """At most one log line per ``interval`` seconds for a recurring condition, with the count
+    of occurrences it stands for: a failing destination or a stream of unmatched tags must not
+    flood the logs (and CloudWatch's bill) with one line per chunk or per message."""
+
+    __slots__ = ("_clock", "_interval", "_last", "_pending")
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last = -interval
+        self._pending = 0
+
+    def hit(self, count: int = 1) -> int:
+        """Record ``count`` occurrences; the number to report if a line is due now, else 0."""
+        self._pending += count
+        now = self._clock()
+        if now - self._last < self._interval:
+            return 0
+        self._last = now
+        due, self._pending = self._pending, 0
+        return due

@@ -18,6 +18,7 @@ from aggregator import metrics
 from aggregator.buffer import Admission, Buffer
 from aggregator.config.model import Config
 from aggregator.formatting import Formatter
+from aggregator.logs import Throttle
 from aggregator.routing import Router
 from aggregator.sinks import build_sink
 
@@ -54,8 +55,7 @@ class Pipeline:
         self.router: Router[Destination] = Router(
             [(route.match, self.destinations[route.destination]) for route in config.routes]
         )
-        self._unmatched_since_warning = 0
-        self._last_unmatched_warning = 0.0
+        self._unmatched_warning = Throttle(UNMATCHED_WARNING_INTERVAL)
 
     async def start(self) -> None:
         for dest in self.destinations.values():
@@ -109,12 +109,5 @@ class Pipeline:
 
     def _unmatched(self, tag: str, events: int) -> None:
         metrics.UNMATCHED_EVENTS.inc(events)
-        self._unmatched_since_warning += events
-        now = time.monotonic()
-        if now - self._last_unmatched_warning >= UNMATCHED_WARNING_INTERVAL:
-            log.warning(
-                "no route matches tag; events discarded",
-                extra={"tag": tag, "events": self._unmatched_since_warning},
-            )
-            self._last_unmatched_warning = now
-            self._unmatched_since_warning = 0
+        if due := self._unmatched_warning.hit(events):
+            log.warning("no route matches tag; events discarded", extra={"tag": tag, "events": due})
