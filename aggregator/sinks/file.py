@@ -1,7 +1,8 @@
 """Newline-delimited JSON files in a directory, rotated by size.
 
 The file being written is named ``PREFIX.<start>.w<worker>.<n>.ndjson.part``; at ``rotate_size``
-and at shutdown it is renamed without ``.part``. So a reader that takes ``*.ndjson`` only ever
+and at shutdown it is renamed without ``.part``, and a worker that starts completes the ``.part``
+files an earlier process of its index left behind. So a reader that takes ``*.ndjson`` only ever
 sees complete files, and every write is whole lines (one ``write`` per chunk), so even a
 ``.part`` file holds only whole events, except after a crash mid-write.
 """
@@ -9,6 +10,7 @@ sees complete files, and every write is whole lines (one ``write`` per chunk), s
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,6 +19,8 @@ from aggregator.config.model import FileDestination
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
 
 PART_SUFFIX = ".part"
+
+log = logging.getLogger(__name__)
 
 
 class FileSink:
@@ -33,7 +37,17 @@ class FileSink:
         self._started = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self._recover)
+
+    def _recover(self) -> None:
+        """Complete the files an earlier process with this worker index left open (it crashed
+        or was killed): their lines are whole but for, at worst, a cut last one."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        for path in self._dir.glob(f"{self._prefix}.*.w{self._worker}.*.ndjson{PART_SUFFIX}"):
+            log.warning(
+                "completing a file left open by an earlier process", extra={"file": str(path)}
+            )
+            path.rename(path.with_name(path.name.removesuffix(PART_SUFFIX)))
 
     async def write(self, lines: list[bytes]) -> WriteResult:
         data = b"".join(lines)
