@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from aggregator import logs, process
+from aggregator import logs, metrics, process
 from aggregator.config import ConfigError, load
 from aggregator.config.model import Config, ForwardSource
 from aggregator.pipeline import Pipeline
@@ -142,10 +142,19 @@ async def serve(
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
+    publisher = loop.create_task(publish_metrics())
     status = await worker.wait_stopped()
+    publisher.cancel()
+    metrics.publish_tallies()
     if supervisor is not None:
         watchdog.cancel()
     return status
+
+
+async def publish_metrics() -> None:
+    while True:
+        await asyncio.sleep(metrics.TALLY_PUBLISH_INTERVAL)
+        metrics.publish_tallies()
 
 
 GC_GEN0_THRESHOLD = 50_000

@@ -75,11 +75,22 @@ class FileSink:
             self._finish()
 
     def _open(self) -> None:
-        self._seq += 1
-        name = f"{self._prefix}.{self._started}.w{self._worker}.{self._seq:05d}.ndjson"
-        self._path = self._dir / (name + PART_SUFFIX)
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        while True:
+            # A worker restarted within the second of its predecessor gets the same <start>:
+            # skip every name already taken, complete or not, rather than append to it.
+            self._seq += 1
+            name = f"{self._prefix}.{self._started}.w{self._worker}.{self._seq:05d}.ndjson"
+            final = self._dir / name
+            self._path = self._dir / (name + PART_SUFFIX)
+            if final.exists():
+                continue
+            try:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                self._fd = os.open(self._path, flags, 0o644)
+            except FileExistsError:
+                continue
+            break
         self._size = 0
 
     def _finish(self) -> None:

@@ -40,8 +40,8 @@ class ForwardConnection(asyncio.Protocol):
         self._waiting: asyncio.Task[None] | None = None  # held: the loop keeps weak references
         self._peer = "?"
         self.last_activity = time.monotonic()
-        self._m_events = metrics.INPUT_EVENTS.labels(server.settings.name)
-        self._m_bytes = metrics.INPUT_BYTES.labels(server.settings.name)
+        self._m_events = metrics.tally(metrics.INPUT_EVENTS.labels(server.settings.name))
+        self._m_bytes = metrics.tally(metrics.INPUT_BYTES.labels(server.settings.name))
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ class ForwardConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
-        self._m_bytes.inc(len(data))
+        self._m_bytes.pending += len(data)
         try:
             self._decoder.receive_data(data)
         except ProtocolError as exc:
@@ -109,7 +109,7 @@ class ForwardConnection(asyncio.Protocol):
                 )
                 return
             self._pending = None
-            self._m_events.inc(len(batch.entries))
+            self._m_events.pending += len(batch.entries)
             if outcome is not Outcome.REJECTED and batch.chunks:
                 transport.write(b"".join(map(encode_ack, batch.chunks)))
 

@@ -44,3 +44,19 @@ def test_files_left_open_by_a_dead_process_are_completed(tmp_path: Path) -> None
     asyncio.run(main())
     assert (tmp_path / "events.20240101T000000.w0.00001.ndjson").read_bytes() == b'{"a":1}\n'
     assert other.exists()
+
+
+def test_a_restarted_worker_never_overwrites_its_predecessors_files(tmp_path: Path) -> None:
+    async def run_once(line: bytes, close: bool) -> None:
+        s = sink(tmp_path)
+        s._started = "20240101T000000"  # both within the same second
+        await s.start()
+        await s.write([line])
+        if close:
+            await s.close()
+
+    asyncio.run(run_once(b'{"first":1}\n', close=False))  # killed: its file stays .part
+    asyncio.run(run_once(b'{"second":1}\n', close=True))
+    contents = sorted(f.read_bytes() for f in tmp_path.glob("*.ndjson"))
+    assert contents == [b'{"first":1}\n', b'{"second":1}\n']
+    assert not list(tmp_path.glob("*.part"))
