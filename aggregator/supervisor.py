@@ -32,6 +32,9 @@ from aggregator.sources import Listener
 
 log = logging.getLogger(__name__)
 
+EXIT_CONFIG = 2
+"""A worker's exit status when its configuration cannot work (as ``aggregator check``'s)."""
+
 RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 30.0
 STABLE_UPTIME = 10.0
@@ -100,6 +103,8 @@ class Supervisor:
         self._state_dir = tempfile.mkdtemp(prefix="aggregator-")
         self._state_file = os.path.join(self._state_dir, "workers.json")
         self._supervising: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._fatal: int | None = None
 
     # --- running ----------------------------------------------------------------------------
 
@@ -144,6 +149,12 @@ class Supervisor:
             self._publish_state()
             if self._stopping:
                 return
+            if code == EXIT_CONFIG and not slot.ready.is_set():
+                # A worker that cannot start for its configuration will not start next time.
+                log.error(f"worker {slot.index} cannot start (see its error above): stopping")
+                self._fatal = EXIT_CONFIG
+                self.request_stop()
+                return
             uptime = time.monotonic() - slot.started
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
             log.error(
@@ -187,7 +198,9 @@ class Supervisor:
         os.close(write_fd)
         slot.started = time.monotonic()
         self._publish_state()
-        asyncio.get_running_loop().create_task(self._await_ready(slot, read_fd))
+        waiter = asyncio.get_running_loop().create_task(self._await_ready(slot, read_fd))
+        self._background.add(waiter)  # the loop holds tasks weakly
+        waiter.add_done_callback(self._background.discard)
 
     async def _await_ready(self, slot: WorkerSlot, read_fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -250,7 +263,8 @@ class Supervisor:
             await asyncio.gather(*(p.wait() for p in procs))
         for task in self._supervising:
             task.cancel()
-        return self._summary([_stop_status(slot) for slot in self.slots])
+        status = self._summary([_stop_status(slot) for slot in self.slots])
+        return self._fatal if self._fatal is not None else status
 
     def _summary(self, codes: list[int | None]) -> int:
         dropped = sum(metrics.values("aggregator_dropped_events_total").values())

@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -170,3 +172,19 @@ def test_second_sigterm_stops_at_once(
     assert status != 0
     assert any("second stop signal" in e["message"] for e in agg.logs())
     emulator.resume()
+
+
+def test_a_destination_that_cannot_start_stops_the_service_with_status_2(tmp_path: Path) -> None:
+    config = tmp_path / "no-region.toml"
+    config.write_text(
+        FILE_CONFIG.replace("{forward_port}", "0").replace("{http_port}", "0")
+        + '\n[destinations.fh]\ntype = "firehose"\ndelivery_stream = "s"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "aggregator", "run", "-c", str(config)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "no AWS region" in proc.stderr
+    assert "cannot start" in proc.stderr
