@@ -89,10 +89,6 @@ class Pipeline:
         for dest in self.destinations.values():
             dest.buffer.flush_now()
 
-    def can_accept(self) -> bool:
-        """False when a buffer is full (health: a load balancer should send traffic elsewhere)."""
-        return all(dest.buffer.has_room() for dest in self.destinations.values())
-
     async def close(self, deadline: float) -> int:
         """Flush every buffer until ``deadline`` (time.monotonic()); the number of events dropped
         since start. Primaries close first so that their leftovers reach open secondaries."""

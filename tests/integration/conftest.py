@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,6 +70,17 @@ class Aggregator:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
+
+    def health(self, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+        """GET /api/health: status and body; (0, {}) when no answer came within ``timeout``
+        (a connection the kernel hands to a missing worker's socket waits for its restart)."""
+        try:
+            with urllib.request.urlopen(self.http + "/api/health", timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+        except (TimeoutError, urllib.error.URLError):
+            return 0, {}
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples called ``name`` whose labels include ``labels``, from

@@ -15,7 +15,12 @@ import orjson
 
 from aggregator.emulator import EmulatorThread
 from aggregator.protocol import encode_forward, encode_message, new_chunk_id
-from tests.integration.conftest import BASE_CONFIG, StartAggregator, read_ndjson, wait_for
+from tests.integration.conftest import (
+    BASE_CONFIG,
+    StartAggregator,
+    read_ndjson,
+    wait_for,
+)
 
 
 def firehose_destination(name: str, endpoint: str, stream: str, aggregate: bool = False,
@@ -220,6 +225,9 @@ def test_backpressure_blocks_the_sender_and_bounds_memory(
     assert sent < total_events // 2
     growth = agg.rss_bytes() - baseline
     assert growth < 512 * 1024 + 48 * 1024 * 1024, f"RSS grew by {growth} bytes"
+    # A full buffer takes the task out of a load balancer's rotation.
+    health = wait_for(lambda: (h := agg.health())[0] == 503 and h, timeout=5)
+    assert health and "buffer fh is" in str(health[1]["problems"])
     emulator.resume()
     assert done.wait(60), "the sender did not finish once the sink resumed"
     thread.join()

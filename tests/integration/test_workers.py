@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -32,16 +31,6 @@ HOUR_FLUSH = FILE_CONFIG.replace('flush_interval = "100ms"', 'flush_interval = "
 def worker_pids(agg: Aggregator) -> set[int]:
     children = Path(f"/proc/{agg.proc.pid}/task/{agg.proc.pid}/children").read_text().split()
     return {int(pid) for pid in children}
-
-
-def health(agg: Aggregator, timeout: float = 5.0) -> tuple[int, dict[str, object]]:
-    try:
-        with urllib.request.urlopen(agg.http + "/api/health", timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-    except (TimeoutError, urllib.error.URLError):
-        return 0, {}  # queued on the missing worker's socket until it is back
 
 
 def send_on_many_connections(agg: Aggregator, connections: int, per_connection: int) -> None:
@@ -92,7 +81,7 @@ def test_a_killed_worker_is_restarted_and_the_service_keeps_accepting(
             sock.sendall(encode_message("after", 1700000000, {"i": i}))
         with urllib.request.urlopen(agg.http + "/app.after?json=%7B%22h%22%3A1%7D") as resp:
             assert resp.status == 200
-    assert wait_for(lambda: health(agg)[0] == 200, timeout=5)
+    assert wait_for(lambda: agg.health()[0] == 200, timeout=5)
     assert agg.stop() == 0
     events = read_ndjson(agg.data_dir)
     assert sorted(e["i"] for e in events if e["tag"] == "after") == list(range(20))
@@ -103,7 +92,7 @@ def test_a_killed_worker_is_restarted_and_the_service_keeps_accepting(
 
 def test_health_is_503_while_a_worker_is_missing(start_aggregator: StartAggregator) -> None:
     agg = start_aggregator(FILE_CONFIG)
-    status, body = health(agg)
+    status, body = agg.health()
     assert status == 200 and body["workers"] == {"expected": 2, "alive": 2}
     # A worker that keeps dying at start is restarted after a growing backoff: kill the same
     # worker twice, and the second restart waits long enough to see the gap.
@@ -114,9 +103,9 @@ def test_health_is_503_while_a_worker_is_missing(start_aggregator: StartAggregat
     os.kill(restarted.pop(), signal.SIGKILL)
     # A connection the kernel hands to the missing worker's socket waits for the restart, so
     # ask with a short timeout: the surviving worker is the one that answers.
-    seen = wait_for(lambda: (h := health(agg, timeout=0.2))[0] == 503 and h, timeout=5)
+    seen = wait_for(lambda: (h := agg.health(timeout=0.2))[0] == 503 and h, timeout=5)
     assert seen and "worker(s) missing" in str(seen[1]["problems"])
-    assert wait_for(lambda: health(agg)[0] == 200, timeout=10)
+    assert wait_for(lambda: agg.health()[0] == 200, timeout=10)
     assert agg.metric("aggregator_worker_restarts_total") == 2
     assert agg.stop() == 0
 
