@@ -50,3 +50,20 @@ def emulator() -> Iterator[EmulatorThread]:
     """A started Firehose emulator (no faults, records kept, seeded) in its own thread."""
     with EmulatorThread(seed=1234) as emu:
         yield emu
+
+
+def create_s3_stream(moto_server: str, stream: str, bucket: str, prefix: str) -> None:
+    """A Direct PUT delivery stream into ``bucket``/``prefix`` on the moto server (the bucket
+    must exist)."""
+    import boto3
+
+    firehose = boto3.client("firehose", endpoint_url=moto_server, region_name="us-east-1")
+    firehose.create_delivery_stream(
+        DeliveryStreamName=stream,
+        DeliveryStreamType="DirectPut",
+        ExtendedS3DestinationConfiguration={
+            "RoleARN": "arn:aws:iam::123456789012:role/firehose",
+            "BucketARN": f"arn:aws:s3:::{bucket}",
+            "Prefix": prefix,
+        },
+    )

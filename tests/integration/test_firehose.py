@@ -15,6 +15,7 @@ import orjson
 
 from aggregator.emulator import EmulatorThread
 from aggregator.protocol import encode_forward, encode_message, new_chunk_id
+from tests.conftest import create_s3_stream
 from tests.integration.conftest import (
     BASE_CONFIG,
     StartAggregator,
@@ -99,22 +100,13 @@ def send_concurrently(port: int, total: int, per_connection: int) -> None:
 def test_delivery_into_a_real_moto_firehose(
     moto_server: str, start_aggregator: StartAggregator
 ) -> None:
-    aws = {"endpoint_url": moto_server, "region_name": "us-east-1"}
-    s3, firehose = boto3.client("s3", **aws), boto3.client("firehose", **aws)
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     bucket = f"logs-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
     streams = {}
     for kind in ("packed", "single"):
         name = f"{kind}-{uuid.uuid4().hex[:8]}"
-        firehose.create_delivery_stream(
-            DeliveryStreamName=name,
-            DeliveryStreamType="DirectPut",
-            ExtendedS3DestinationConfiguration={
-                "RoleARN": "arn:aws:iam::123456789012:role/firehose",
-                "BucketARN": f"arn:aws:s3:::{bucket}",
-                "Prefix": f"{kind}/",
-            },
-        )
+        create_s3_stream(moto_server, name, bucket=bucket, prefix=f"{kind}/")
         streams[kind] = name
     config = (
         BASE_CONFIG

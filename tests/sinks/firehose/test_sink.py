@@ -15,6 +15,7 @@ from aggregator.config.model import FirehoseDestination
 from aggregator.emulator import EmulatorThread
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
 from aggregator.sinks.firehose import FirehoseSink
+from tests.conftest import create_s3_stream
 from tests.sinks.firehose.support import firehose_settings as settings
 
 T = TypeVar("T")
@@ -152,16 +153,7 @@ def test_delivers_to_moto_firehose_into_s3(moto_server: str, aggregate: bool) ->
         config=Config(s3={"addressing_style": "path"}),
     )
     s3.create_bucket(Bucket=name)
-    firehose = boto3.client("firehose", endpoint_url=moto_server, region_name="us-east-1")
-    firehose.create_delivery_stream(
-        DeliveryStreamName=name,
-        DeliveryStreamType="DirectPut",
-        ExtendedS3DestinationConfiguration={
-            "RoleARN": "arn:aws:iam::123456789012:role/firehose",
-            "BucketARN": f"arn:aws:s3:::{name}",
-            "Prefix": "logs/",
-        },
-    )
+    create_s3_stream(moto_server, name, bucket=name, prefix="logs/")
     lines = events(1500)
 
     result = write(settings(moto_server, stream=name, aggregate=aggregate), lines)
