@@ -133,7 +133,7 @@ class Buffer:
 
     def admit(self) -> Admission:
         """Whether a new message may be appended now, applying ``overflow_action`` if not."""
-        if self._bytes < self.settings.total_limit_size:
+        if self.has_room():
             return Admission.ACCEPTED
         self._publish_state()  # health reads the fill ratio: let it see "full" at once
         action = self.settings.overflow_action
@@ -368,5 +368,5 @@ class Buffer:
 
     def _release(self, nbytes: int) -> None:
         self._bytes -= nbytes
-        if self._bytes < self.settings.total_limit_size:
+        if self.has_room():
             self._room.set()

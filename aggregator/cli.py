@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from aggregator import __version__, logs, process
 from aggregator.config import Config, ConfigError, load
 from aggregator.config.model import FileDestination, FirehoseDestination
+from aggregator.process import EXIT_CONFIG, EXIT_OK
 
-EXIT_CONFIG = 2
 DEFAULT_CONFIG = "conf/aggregator.toml"
 
 
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check":
         print(describe(config))
-        return 0
+        return EXIT_OK
 
     if args.workers is not None and args.workers < 1:
         print("aggregator: --workers must be at least 1", file=sys.stderr)

@@ -89,9 +89,9 @@ class Pipeline:
         for dest in self.destinations.values():
             dest.buffer.flush_now()
 
-    async def close(self, deadline: float) -> int:
-        """Flush every buffer until ``deadline`` (time.monotonic()); the number of events dropped
-        since start. Primaries close first so that their leftovers reach open secondaries."""
+    async def close(self, deadline: float) -> None:
+        """Flush every buffer until ``deadline`` (time.monotonic()). Primaries close first so
+        that their leftovers reach open secondaries."""
         secondaries = {d.secondary for d in self.config.destinations.values() if d.secondary}
         primaries = [d for n, d in self.destinations.items() if n not in secondaries]
         # Keep a little of the time for the secondaries to write what the primaries hand over.
@@ -101,7 +101,6 @@ class Pipeline:
             ([self.destinations[n] for n in secondaries], deadline),
         ):
             await asyncio.gather(*(dest.buffer.close(group_deadline) for dest in group))
-        return sum(d.buffer.dropped for d in self.destinations.values())
 
     def _unmatched(self, tag: str, events: int) -> None:
         metrics.UNMATCHED_EVENTS.inc(events)

@@ -15,6 +15,15 @@ import tempfile
 from collections.abc import Callable
 from typing import TypedDict
 
+EXIT_OK = 0
+EXIT_UNDELIVERED = 1
+"""Events had to go to a secondary destination or were dropped during the stop (or the ports
+could not be opened)."""
+EXIT_CONFIG = 2
+"""The configuration cannot work: invalid, or a destination that cannot start."""
+EXIT_FORCED = 3
+"""A second stop signal: buffered events were abandoned."""
+
 SUPERVISOR_PID_ENV = "AGGREGATOR_SUPERVISOR_PID"
 STATE_FILE_ENV = "AGGREGATOR_STATE_FILE"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -28,12 +28,10 @@ from dataclasses import dataclass, field
 
 from aggregator import metrics, process
 from aggregator.config.model import Config, ForwardSource
+from aggregator.process import EXIT_CONFIG, EXIT_OK, EXIT_UNDELIVERED
 from aggregator.sources import Listener
 
 log = logging.getLogger(__name__)
-
-EXIT_CONFIG = 2
-"""A worker's exit status when its configuration cannot work (as ``aggregator check``'s)."""
 
 RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 30.0
@@ -88,7 +86,7 @@ def _stop_status(slot: WorkerSlot) -> int | None:
     signal handlers were not installed yet) held no events: that is a clean stop."""
     code = slot.proc.returncode if slot.proc is not None else None
     if code == -signal.SIGTERM and not slot.ready.is_set():
-        return 0
+        return EXIT_OK
     return code
 
 
@@ -117,7 +115,7 @@ class Supervisor:
             listeners = bind_listeners(self.config, self.workers)
         except OSError as exc:
             log.error(f"cannot listen: {exc}")
-            return 1
+            return EXIT_UNDELIVERED
         self.slots = [WorkerSlot(i, slot) for i, slot in enumerate(listeners)]
         self._publish_state()
         self._supervising = [loop.create_task(self._supervise(slot)) for slot in self.slots]
@@ -276,18 +274,18 @@ class Supervisor:
             "dropped": int(dropped),
             "exit_codes": codes,
         }
-        if all(code == 0 for code in codes):
+        if all(code == EXIT_OK for code in codes):
             log.info(
                 f"stopped: {int(delivered)} events delivered, none lost on the way out",
                 extra=fields,
             )
-            return 0
+            return EXIT_OK
         log.error(
             f"stopped with undelivered events: {int(diverted)} went to a secondary destination, "
             f"{int(dropped)} were dropped (workers' exit codes {codes})",
             extra=fields,
         )
-        return 1
+        return EXIT_UNDELIVERED
 
     def cleanup(self) -> None:
         shutil.rmtree(self._state_dir, ignore_errors=True)

@@ -29,16 +29,12 @@ from aggregator import logs, metrics, process
 from aggregator.config import ConfigError, load
 from aggregator.config.model import Config, ForwardSource
 from aggregator.pipeline import Pipeline
+from aggregator.process import EXIT_CONFIG, EXIT_FORCED, EXIT_OK, EXIT_UNDELIVERED
 from aggregator.sources import Listener
 from aggregator.sources.forward import ForwardServer
 from aggregator.sources.http import HttpServer
 
 log = logging.getLogger("aggregator.worker")  # not __main__ when run with -m
-
-EXIT_OK = 0
-EXIT_UNDELIVERED = 1
-EXIT_CONFIG = 2
-EXIT_FORCED = 3
 
 ORPHAN_CHECK_INTERVAL = 1.0
 

@@ -5,8 +5,9 @@ classifies: records refused inside a successful call are retried, whole-call err
 passing (:class:`RetryableError`) or final (the lines are rejected with the error code as the
 reason).
 
-botocore resolves the endpoint, finds and refreshes credentials (the standard chain: env, ECS
-task role...) and signs (SigV4); the request body and the response are handled here, because
+botocore finds and refreshes credentials (the standard chain: env, ECS task role...) and signs
+(SigV4); the endpoint is Firehose's public one for the region unless ``endpoint_url`` is set;
+the request body and the response are handled here, because
 botocore's generic JSON serializer and parser cost several microseconds per record, which at
 tens of thousands of records a second is most of a core. The wire format is AWS JSON 1.1:
 ``POST /`` with ``X-Amz-Target: Firehose_20150804.PutRecordBatch``; errors are non-2xx with
