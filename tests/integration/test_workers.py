@@ -16,6 +16,7 @@ import orjson
 
 from aggregator.emulator import EmulatorThread
 from aggregator.protocol import encode_forward, encode_message
+from aggregator.supervisor import RESTART_BACKOFF_MIN
 from tests.integration.conftest import (
     FILE_CONFIG,
     Aggregator,
@@ -94,17 +95,39 @@ def test_health_is_503_while_a_worker_is_missing(start_aggregator: StartAggregat
     agg = start_aggregator(FILE_CONFIG)
     status, body = agg.health()
     assert status == 200 and body["workers"] == {"expected": 2, "alive": 2}
-    # A worker that keeps dying at start is restarted after a growing backoff: kill the same
-    # worker twice, and the second restart waits long enough to see the gap.
+    # Kill a worker and freeze its replacement while it starts, so the service stays one worker
+    # short for as long as the test needs (a restart alone is over in about a second).
     survivor, victim = sorted(worker_pids(agg))
     os.kill(victim, signal.SIGKILL)
-    restarted = wait_for(lambda: worker_pids(agg) - {survivor, victim}, 5)
-    assert restarted, "the killed worker was not restarted"
-    os.kill(restarted.pop(), signal.SIGKILL)
-    # A connection the kernel hands to the missing worker's socket waits for the restart, so
-    # ask with a short timeout: the surviving worker is the one that answers.
-    seen = wait_for(lambda: (h := agg.health(timeout=0.2))[0] == 503 and h, timeout=5)
-    assert seen and "worker(s) missing" in str(seen[1]["problems"])
+    replacement = wait_for(lambda: worker_pids(agg) - {survivor, victim}, 5)
+    assert replacement, "the killed worker was not restarted"
+    (frozen,) = replacement
+    os.kill(frozen, signal.SIGSTOP)
+    # A connection the kernel hands to the frozen worker's socket waits, so ask with a short
+    # timeout: the surviving worker is the one that answers.
+    seen = wait_for(lambda: (h := agg.health(timeout=0.2))[0] == 503 and h, timeout=10)
+    os.kill(frozen, signal.SIGCONT)
+    assert seen and "1 worker(s) missing" in seen[1]["problems"]
+    assert seen[1]["workers"] == {"expected": 2, "alive": 1}
+    assert wait_for(lambda: agg.health()[0] == 200, timeout=10)
+    assert agg.metric("aggregator_worker_restarts_total") == 1
+    assert agg.stop() == 0
+
+
+def test_a_worker_that_keeps_dying_is_restarted_after_a_backoff(
+    start_aggregator: StartAggregator,
+) -> None:
+    agg = start_aggregator(FILE_CONFIG)
+    survivor, victim = sorted(worker_pids(agg))
+    os.kill(victim, signal.SIGKILL)
+    first = wait_for(lambda: worker_pids(agg) - {survivor, victim}, 5)
+    assert first, "the killed worker was not restarted at once"
+    (replacement,) = first
+    os.kill(replacement, signal.SIGKILL)  # dies again soon after its start
+    died = time.monotonic()
+    second = wait_for(lambda: worker_pids(agg) - {survivor, victim, replacement}, 5)
+    assert second, "the worker was not restarted after its second death"
+    assert time.monotonic() - died >= RESTART_BACKOFF_MIN * 0.9  # it waited before spawning
     assert wait_for(lambda: agg.health()[0] == 200, timeout=10)
     assert agg.metric("aggregator_worker_restarts_total") == 2
     assert agg.stop() == 0
