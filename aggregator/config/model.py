@@ -41,8 +41,9 @@ class ForwardSource(Strict):
     port: int = Field(24224, ge=0, le=65535, description="TCP (and UDP heartbeat) port; 0 = any.")
     message_length_limit: Size = Field(
         32 * 1024 * 1024,
-        description="Largest forward message accepted (Fluentd's default, 32 MiB). A larger one "
-        "closes the connection and counts aggregator_input_errors_total{reason=message_too_large}.",
+        description="Largest forward message accepted (Fluentd's in_forward has no limit unless "
+        "chunk_size_limit is set). A larger one closes the connection and counts "
+        "aggregator_input_errors_total{reason=message_too_large}.",
     )
     heartbeat: bool = Field(True, description="Answer UDP heartbeats on the same port.")
 

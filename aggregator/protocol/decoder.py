@@ -24,9 +24,12 @@ import msgpack
 from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, Batch, Message, ProtocolError
 
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
+"""The default limit on one message; a larger one closes the connection. (Fluentd's in_forward
+has no limit unless ``chunk_size_limit`` is set; 32 MiB is the size of its in_http bodies.)"""
 DEFAULT_BATCH_ENTRIES = 256
 INITIAL_BUFFER_SIZE = 64 * 1024
-"""Fluentd's default chunk limit; a larger message closes the connection."""
+"""The unpacker's buffer at first. It grows to hold a big read or message and never shrinks,
+so a decoder that outgrew it starts a new one once it holds no partial message."""
 
 _unpack_event_time = struct.Struct(">II").unpack  # seconds, nanoseconds
 _GZIP_WBITS = 31  # zlib's spelling of "gzip header and trailer, not raw deflate or zlib"
@@ -78,16 +81,22 @@ class ForwardDecoder:
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
         self._max = max_message_size
-        self._unpacker = _new_unpacker(max_message_size)
-        self._next = self._unpacker.__next__
-        self._fed = 0  # stream offset of the end of the bytes fed so far
-        # Stream offset where the next message starts. Not unpacker.tell() itself: that also
-        # moves through a message that is only partly received.
-        self._start = 0
+        self._renew_unpacker()
         self._lookahead: Message | None = None  # decoded by next_batch, for the next batch
         # Bytes received but not yet given to the unpacker, which holds at most the limit.
         self._backlog: deque[bytes] = deque()
         self._error: ProtocolError | None = None
+
+    def _renew_unpacker(self) -> None:
+        """A new unpacker: at first, and to give back a grown buffer once nothing is pending
+        (an idle connection would otherwise keep its biggest read's memory for good)."""
+        self._unpacker = _new_unpacker(self._max)
+        self._next = self._unpacker.__next__
+        self._fed = 0  # offset, in this unpacker's stream, of the end of the bytes fed so far
+        # Offset where the next message starts. Not unpacker.tell() itself: that also moves
+        # through a message that is only partly received.
+        self._start = 0
+        self._grown = False  # whether the unpacker has held more than its initial buffer
 
     @property
     def pending_bytes(self) -> int:
@@ -111,6 +120,8 @@ class ForwardDecoder:
                 obj = self._unpack_next()
                 if obj is _NEED_DATA:
                     if not self._backlog:
+                        if self._grown and self._start == self._fed:
+                            self._renew_unpacker()
                         return None
                     if self._fed - self._start >= self._max:
                         # The message being decoded alone fills the limit and is not done.
@@ -161,6 +172,8 @@ class ForwardDecoder:
         except msgpack.BufferFull:  # unreachable: callers keep within the limit; a backstop
             self._fail(ProtocolError("message_too_large", f"over {self._max} bytes buffered"))
         self._fed += len(data)
+        if self._fed - self._start > INITIAL_BUFFER_SIZE:
+            self._grown = True
 
     def _feed_backlog(self) -> None:
         """Move received bytes into the unpacker as far as the limit allows. The limit is on one

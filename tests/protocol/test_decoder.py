@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import struct
+import tracemalloc
 from typing import Any
 
 import msgpack
@@ -22,6 +24,7 @@ from aggregator.protocol import (
     encode_packed_forward,
     pack_entries,
 )
+from aggregator.protocol.decoder import INITIAL_BUFFER_SIZE
 
 # --- helpers and strategies -------------------------------------------------------------------
 
@@ -346,6 +349,39 @@ def test_pending_bytes_counts_a_cut_message() -> None:
     decoder.receive_data(data[-1:])
     assert decoder.next_message() is not None
     assert decoder.pending_bytes == 0
+
+
+def test_big_reads_decode_across_buffer_renewals() -> None:
+    # Reads far over the initial buffer, some ending between messages (the unpacker is renewed
+    # there) and some inside one (it must not be): every message comes out once, in order.
+    wire = b"".join(encode_message("big", i, {"log": "x" * 300}) for i in range(3000))
+    decoder = ForwardDecoder()
+    out: list[Message] = []
+    size = len(encode_message("big", 0, {"log": "x" * 300}))
+    cuts = [0, 400 * size, 1000 * size + 7, 2500 * size, len(wire)]
+    for start, end in itertools.pairwise(cuts):
+        decoder.receive_data(wire[start:end])
+        out += drain(decoder)
+    assert [m.entries[0][0] for m in out] == list(range(3000))
+    assert decoder.pending_bytes == 0
+
+
+def test_an_idle_decoder_gives_back_what_a_big_read_grew() -> None:
+    # An unpacker's buffer grows to hold a read and never shrinks by itself: with thousands of
+    # connections, each keeping its biggest read would be memory outside every limit.
+    wire = b"".join(encode_message("big", i, {"log": "x" * 300}) for i in range(1000))
+    assert len(wire) > 4 * INITIAL_BUFFER_SIZE
+    tracemalloc.start()
+    try:
+        decoders = [ForwardDecoder() for _ in range(20)]
+        before = tracemalloc.get_traced_memory()[0]  # what a new decoder holds is not counted
+        for decoder in decoders:
+            decoder.receive_data(wire)
+            assert len(drain(decoder)) == 1000
+        held = (tracemalloc.get_traced_memory()[0] - before) / len(decoders)
+    finally:
+        tracemalloc.stop()
+    assert held < INITIAL_BUFFER_SIZE, f"an idle decoder holds {held:.0f} bytes"
 
 
 def test_empty_read_is_harmless() -> None:
