@@ -1,4 +1,5 @@
-"""``python -m benchmarks run ...`` measures; ``python -m benchmarks size ...`` sizes a fleet."""
+"""``python -m benchmarks run ...`` measures; ``python -m benchmarks size ...`` sizes a fleet;
+``python -m benchmarks connections ...`` measures what open connections cost."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from aggregator.config.units import parse_size
 from aggregator.emulator.__main__ import add_fault_arguments
-from benchmarks import sizing
+from benchmarks import connections, sizing
 from benchmarks.config import RunConfig
 from benchmarks.runner import run_benchmark
 from benchmarks.templates import MODES
@@ -105,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest wait for the last events (default: flush interval + 30)",
     )
 
+    conns = commands.add_parser(
+        "connections",
+        help="measure what each open client connection costs a worker in memory",
+        description="Open many forward connections to one worker, send a burst on each, and "
+        "report the worker's RSS with them left open and idle.",
+    )
+    conns.add_argument("--connections", type=_positive_int, default=300)
+    conns.add_argument(
+        "--burst", default="1MiB", help="bytes sent on each connection (%(default)s)"
+    )
+    conns.add_argument(
+        "--event-size",
+        type=int,
+        default=defaults.event_size,
+        help="bytes of each event's JSON line (%(default)s)",
+    )
+
     size = commands.add_parser(
         "size",
         help="turn per-core figures into a Fargate task count",
@@ -170,15 +189,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "size":
             print(_sizing_text(args))
             return 0
-        config = _config(args)
+        if args.command == "connections":
+            burst = connections.make_burst(parse_size(args.burst), args.event_size)
+        else:
+            config = _config(args)
     except (ValueError, OSError) as exc:  # bad settings, or a results file that is not there
         parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
     try:
+        if args.command == "connections":
+            print(connections.measure(args.connections, burst).render())
+            return 0
         return run_benchmark(config).exit_status
     except KeyboardInterrupt:
         return 130
     except (RuntimeError, OSError) as exc:  # a part did not start, or the machine refused
-        print(f"{parser.prog} run: failed: {exc}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: failed: {exc}", file=sys.stderr)
         return 1
 
 

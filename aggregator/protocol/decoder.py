@@ -27,7 +27,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 """The default limit on one message; a larger one closes the connection. (Fluentd's in_forward
 has no limit unless ``chunk_size_limit`` is set; 32 MiB is the size of its in_http bodies.)"""
 DEFAULT_BATCH_ENTRIES = 256
-INITIAL_BUFFER_SIZE = 64 * 1024
+INITIAL_BUFFER_SIZE = 16 * 1024
 """The unpacker's buffer at first. It grows to hold a big read or message and never shrinks,
 so a decoder that outgrew it starts a new one once it holds no partial message."""
 
