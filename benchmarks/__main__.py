@@ -22,6 +22,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_event_size(group: argparse._ActionsContainer, default: int) -> None:
+    group.add_argument(
+        "--event-size",
+        type=int,
+        default=default,
+        help="bytes of each event's JSON line (%(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description="Benchmarks of the aggregator."
@@ -43,12 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.batch,
         help="events per message in forward and packed modes (%(default)s)",
     )
-    load.add_argument(
-        "--event-size",
-        type=int,
-        default=defaults.event_size,
-        help="bytes of each event's JSON line (%(default)s)",
-    )
+    _add_event_size(load, defaults.event_size)
     load.add_argument("--connections", type=_positive_int, default=defaults.connections)
     load.add_argument(
         "--senders",
@@ -117,12 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     conns.add_argument(
         "--burst", default="1MiB", help="bytes sent on each connection (%(default)s)"
     )
-    conns.add_argument(
-        "--event-size",
-        type=int,
-        default=defaults.event_size,
-        help="bytes of each event's JSON line (%(default)s)",
-    )
+    _add_event_size(conns, defaults.event_size)
 
     size = commands.add_parser(
         "size",

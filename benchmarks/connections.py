@@ -17,25 +17,16 @@ from pathlib import Path
 
 from aggregator.protocol import encode_message
 from benchmarks import procfs
-from benchmarks.service import Service
+from benchmarks.service import SOURCES, Service
 from benchmarks.templates import TIME_DIGITS, container_tag, make_record
 
-CONFIG = """\
+CONFIG = f"""\
 [server]
 workers = 1
 drain_quiet_period = "100ms"
 drain_timeout = "2s"
 
-[[sources]]
-type = "forward"
-bind = "127.0.0.1"
-port = 0
-
-[[sources]]
-type = "http"
-bind = "127.0.0.1"
-port = 0
-
+{SOURCES}
 [[routes]]
 match = "**"
 destination = "discard"

@@ -24,17 +24,7 @@ STREAM = "bench"
 READY = '"worker":"supervisor","message":"ready"'
 
 
-def render_config(config: RunConfig, endpoint_url: str) -> str:
-    """The aggregator's TOML for a run: every event to one Firehose stream at ``endpoint_url``;
-    ports 0, since the supervisor's ready line says which ones it got."""
-    return f"""\
-[server]
-workers = {config.workers}
-log_level = "info"
-drain_quiet_period = "200ms"
-drain_timeout = "5s"
-shutdown_timeout = "60s"
-
+SOURCES = """\
 [[sources]]
 type = "forward"
 bind = "127.0.0.1"
@@ -44,7 +34,22 @@ port = 0
 type = "http"
 bind = "127.0.0.1"
 port = 0
+"""
+"""Forward and HTTP inputs on 127.0.0.1, ports 0: the supervisor's ready line says which ports
+it got."""
 
+
+def render_config(config: RunConfig, endpoint_url: str) -> str:
+    """The aggregator's TOML for a run: every event to one Firehose stream at ``endpoint_url``."""
+    return f"""\
+[server]
+workers = {config.workers}
+log_level = "info"
+drain_quiet_period = "200ms"
+drain_timeout = "5s"
+shutdown_timeout = "60s"
+
+{SOURCES}
 [[routes]]
 match = "**"
 destination = "fh"
