@@ -154,7 +154,9 @@ class FirehoseService:
         self._settings = settings
         self._timeout = settings.request_timeout
         self._http: aiohttp.ClientSession | None = None
+        self._session: AioSession | None = None
         self._credentials: Any = None
+        self._credentials_lock = asyncio.Lock()
         self._url = ""
         self._region = ""
         # Bound once: .labels() is a dict lookup under a lock, not free on every call.
@@ -177,7 +179,7 @@ class FirehoseService:
         self._region = region
         # Not a botocore client: its endpoint and service models cost ~20 MiB per worker.
         self._url = settings.endpoint_url or default_endpoint(region)
-        self._credentials = await session.get_credentials()
+        self._session = session
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=MAX_POOL_CONNECTIONS),
             timeout=aiohttp.ClientTimeout(
@@ -186,17 +188,36 @@ class FirehoseService:
             ),
             skip_auto_headers=("User-Agent",),
         )
+        try:
+            await self._resolve_credentials()
+        except CREDENTIAL_ERRORS as exc:
+            # Not a reason to refuse logs: events are buffered and every flush asks again.
+            log.warning(
+                "no AWS credentials yet; deliveries will ask the credential chain again",
+                extra={"destination": self._destination, "error": str(exc)},
+            )
 
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
             self._http = None
 
-    async def _signed_headers(self, body: bytes) -> dict[str, str]:
+    async def _resolve_credentials(self) -> Any:
+        """The standard chain's credentials, asked for again as long as it has given none: at
+        start a task-role or instance-metadata endpoint may not answer yet, and a service that
+        never asked again would never deliver."""
+        assert self._session is not None
+        async with self._credentials_lock:
+            if self._credentials is None:
+                self._credentials = await self._session.get_credentials()
         if self._credentials is None:
             raise NoCredentialsError()
+        return self._credentials
+
+    async def _signed_headers(self, body: bytes) -> dict[str, str]:
+        credentials = await self._resolve_credentials()
         # Refreshes the task role's credentials ahead of their expiry.
-        frozen = await self._credentials.get_frozen_credentials()
+        frozen = await credentials.get_frozen_credentials()
         request = AWSRequest(
             method="POST",
             url=self._url,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import pytest
@@ -171,6 +172,37 @@ def test_refused_connection_is_network() -> None:
     with pytest.raises(RetryableError) as caught:
         put("svc-refused", settings(f"http://127.0.0.1:{port}"), batch_of(LINES))
     assert caught.value.reason == "network"
+
+
+def test_credentials_that_appear_after_start_are_used(
+    emulator: EmulatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At start the chain has nothing: no keys, and a container-credentials endpoint (the ECS
+    # task role's) that does not answer yet. The sink starts anyway and asks again per call.
+    access_key, secret_key = os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{port}/creds")
+
+    async def go() -> None:
+        service = FirehoseService("svc-creds", settings(emulator.endpoint_url))
+        await service.start()
+        try:
+            monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+            with pytest.raises(RetryableError) as caught:
+                await service.put_batch(batch_of(LINES))
+            assert caught.value.reason == "credentials"
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
+            assert await service.put_batch(batch_of(LINES)) is DELIVERED
+        finally:
+            await service.close()
+
+    asyncio.run(go())
+    assert emulator.records("events") == LINES
 
 
 def test_put_before_start_is_a_bug(emulator: EmulatorThread) -> None:
