@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aggregator.protocol import encode_message
 from benchmarks import procfs
+from benchmarks.report import MIB
 from benchmarks.service import SOURCES, Service
 from benchmarks.templates import TIME_DIGITS, container_tag, make_record
 
@@ -34,8 +35,6 @@ destination = "discard"
 [destinations.discard]
 type = "null"
 """
-
-_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,8 @@ class ConnectionsResult:
             [
                 f"connections        {self.connections:,}, each sent {self.burst_bytes:,} bytes "
                 f"({self.events_per_connection:,} events) and stayed open",
-                f"worker RSS idle    {self.idle_rss / _MIB:,.1f} MiB",
-                f"with connections   {self.open_rss / _MIB:,.1f} MiB",
+                f"worker RSS idle    {self.idle_rss / MIB:,.1f} MiB",
+                f"with connections   {self.open_rss / MIB:,.1f} MiB",
                 f"per connection     {self.per_connection / 1024:,.1f} KiB",
             ]
         )
@@ -98,7 +97,7 @@ def measure(connections: int, burst: Burst, timeout: float = 60.0) -> Connection
                     sock = socket.create_connection(("127.0.0.1", service.forward_port))
                     socks.append(sock)
                     sock.sendall(burst.data)
-                _wait_for_events(service, connections * burst.events, timeout)
+                _wait_until_read(service, connections * burst.events, timeout)
                 open_rss = procfs.status_bytes(worker, "VmRSS")
             finally:
                 for sock in socks:
@@ -108,9 +107,9 @@ def measure(connections: int, burst: Burst, timeout: float = 60.0) -> Connection
     return ConnectionsResult(connections, burst.events, len(burst.data), idle_rss, open_rss)
 
 
-def _wait_for_events(service: Service, events: int, timeout: float) -> None:
+def _wait_until_read(service: Service, events: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while service.metrics().get("aggregator_input_events_total", 0.0) < events:
+    while not service.has_finished(events):
         if time.monotonic() > deadline:
             raise TimeoutError(f"the worker did not read all {events:,} events in {timeout:g} s")
         time.sleep(0.2)
