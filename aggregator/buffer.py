@@ -6,10 +6,12 @@ delivered by one of ``flush_thread_count`` concurrent delivery tasks. Every byte
 ``total_limit_size`` from the moment it is appended until it is delivered, handed to the
 secondary destination, or dropped; what happens at the limit is ``overflow_action``.
 
-A delivery task makes attempts until its chunk is done: lines the sink asks to retry are retried
-alone after an exponential backoff with full jitter; lines the sink rejects, and lines still
-undelivered when the retry limits or the stop deadline run out, go to the secondary buffer when
-there is one, otherwise they are dropped and counted with their reason.
+A delivery task makes one attempt. Lines the sink asks to retry wait for their turn
+(:mod:`aggregator.delivery` says how long) without holding a delivery slot, then are retried
+alone; lines the sink rejects, and lines still undelivered when the retry limits run out, go to
+the secondary buffer when there is one, otherwise they are dropped and counted with their
+reason. At the stop deadline, what is left is given back for a hand-off when the pipeline asks
+for it (:attr:`Buffer.leftovers`), else handed to the secondary in the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import heapq
+import itertools
 import logging
 import random
 import time
@@ -26,6 +30,13 @@ from dataclasses import dataclass, field
 
 from aggregator import metrics
 from aggregator.config.model import BufferSettings
+from aggregator.delivery import (
+    SHUTDOWN_DEADLINE,
+    STOP_RETRY_MAX_INTERVAL,
+    GiveUp,
+    RetryPolicy,
+    RetryState,
+)
 from aggregator.logs import Throttle
 from aggregator.sinks.base import RetryableError, Sink
 
@@ -51,13 +62,21 @@ class Admission(enum.Enum):
     REJECTED = "rejected"  # overflow_action = throw_exception and no room
 
 
+Tagged = tuple[str, list[bytes]]
+"""Lines of one tag, in order: what a buffer gives back at the stop deadline for a hand-off."""
+
+
 @dataclass(slots=True)
 class Chunk:
     lines: list[bytes]
     nbytes: int
     created: float
-    attempts: int = 0
-    first_failure: float | None = field(default=None)
+    tags: list[tuple[str, int]]
+    """``(tag, count)`` runs over ``lines``: a line's tag, kept for a hand-off at stop."""
+    pending: list[bytes] | None = None
+    """Lines still to deliver after an attempt that delivered some (None: all of them)."""
+    retry: RetryState = field(default_factory=RetryState)
+    retry_at: float = 0.0
 
 
 def _memory(chunk: Chunk) -> int:
@@ -65,9 +84,22 @@ def _memory(chunk: Chunk) -> int:
     return chunk.nbytes + LINE_OVERHEAD * len(chunk.lines)
 
 
-def backoff(attempt: int, wait: float, max_interval: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(max_interval, wait * 2**attempt)]."""
-    return rng.uniform(0, min(max_interval, wait * 2 ** min(attempt, 62)))
+def tagged(chunk: Chunk, lines: list[bytes]) -> list[Tagged]:
+    """``lines`` (all of ``chunk``'s or a subset, in order) grouped in runs of one tag."""
+    tag_of: dict[int, str] = {}
+    i = 0
+    for tag, count in chunk.tags:
+        for line in chunk.lines[i : i + count]:
+            tag_of[id(line)] = tag
+        i += count
+    out: list[Tagged] = []
+    for line in lines:
+        tag = tag_of[id(line)]
+        if out and out[-1][0] == tag:
+            out[-1][1].append(line)
+        else:
+            out.append((tag, [line]))
+    return out
 
 
 class Buffer:
@@ -85,11 +117,14 @@ class Buffer:
         self.sink = sink
         self.secondary = secondary
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._policy = RetryPolicy(settings, rng)
 
         self._open: Chunk | None = None
         self._ready: deque[Chunk] = deque()
-        self._delivering: set[asyncio.Task[None]] = set()
+        # Chunks waiting for their next attempt, by time: they hold memory, not a slot.
+        self._waiting: list[tuple[float, int, Chunk]] = []
+        self._order = itertools.count()  # tie-breaker: heapq never compares two chunks
+        self._delivering: dict[asyncio.Task[None], Chunk] = {}
         self._bytes = 0
         self._chunks = 0  # sealed chunks not yet finished
         self._room = asyncio.Event()
@@ -103,6 +138,11 @@ class Buffer:
         """Events dropped by this buffer since start (for the exit summary)."""
         self.diverted = 0
         """Events handed to the secondary since start (for the exit summary)."""
+        self.handed_off = 0
+        """Events handed off to another task at stop (counted by the pipeline)."""
+        self.leftovers: list[Tagged] | None = None
+        """Set to a list before :meth:`close` to have what the stop deadline leaves undelivered
+        given back here, by tag, instead of handed to the secondary (for a hand-off)."""
         self.last_success: float | None = None
         """Wall-clock time of the last successful delivery."""
 
@@ -126,6 +166,14 @@ class Buffer:
     def fill_ratio(self) -> float:
         return self._bytes / self.settings.total_limit_size
 
+    @property
+    def buffered_events(self) -> int:
+        """Events held and not yet delivered (for a forced stop's count)."""
+        chunks = [*self._ready, *(c for _, _, c in self._waiting), *self._delivering.values()]
+        if self._open is not None:
+            chunks.append(self._open)
+        return sum(len(c.lines if c.pending is None else c.pending) for c in chunks)
+
     def has_room(self) -> bool:
         return self._bytes < self.settings.total_limit_size
 
@@ -148,19 +196,23 @@ class Buffer:
             self._room.clear()
             await self._room.wait()
 
-    def append(self, lines: list[bytes], nbytes: int) -> None:
-        """Add encoded lines. The caller has checked :meth:`admit` (a buffer may go over its limit
-        by the one message that found it just below)."""
+    def append(self, lines: list[bytes], nbytes: int, tag: str = "") -> None:
+        """Add encoded lines of one tag. The caller has checked :meth:`admit` (a buffer may go
+        over its limit by the one message that found it just below)."""
         chunk = self._open
+        if chunk is not None and chunk.nbytes + nbytes > self.settings.chunk_limit_size:
+            self._seal()
+            chunk = None
         if chunk is None:
-            chunk = self._open = Chunk(lines, nbytes, self._clock())
+            chunk = self._open = Chunk(lines, nbytes, self._clock(), [(tag, len(lines))])
         else:
-            if chunk.nbytes + nbytes > self.settings.chunk_limit_size and chunk.lines:
-                self._seal()
-                chunk = self._open = Chunk(lines, nbytes, self._clock())
+            chunk.lines += lines
+            chunk.nbytes += nbytes
+            last_tag, count = chunk.tags[-1]
+            if last_tag == tag:
+                chunk.tags[-1] = (tag, count + len(lines))
             else:
-                chunk.lines += lines
-                chunk.nbytes += nbytes
+                chunk.tags.append((tag, len(lines)))
         self._bytes += nbytes + LINE_OVERHEAD * len(lines)
         if (
             chunk.nbytes >= self.settings.chunk_limit_size
@@ -188,7 +240,7 @@ class Buffer:
             "buffer full: dropped the oldest chunk",
             extra={"destination": self.name, "events": len(chunk.lines)},
         )
-        self._drop(chunk.lines, "buffer_overflow")
+        self._drop(chunk.lines if chunk.pending is None else chunk.pending, "buffer_overflow")
         self._release(_memory(chunk))
         return True
 
@@ -205,10 +257,15 @@ class Buffer:
 
     async def close(self, deadline: float) -> None:
         """Deliver everything, retrying until ``deadline`` (a ``clock()`` time); what is left then
-        goes to the secondary or is dropped. Returns when this buffer is empty."""
+        goes to :attr:`leftovers`, the secondary, or is dropped. Returns when this buffer is
+        empty."""
         self._closing = True
         self._deadline = deadline
         self._seal()
+        # Waits planned before the stop (up to retry_max_interval) would outlast it.
+        soon = self._clock() + STOP_RETRY_MAX_INTERVAL
+        self._waiting = [(min(at, soon), n, chunk) for at, n, chunk in self._waiting]
+        heapq.heapify(self._waiting)
         self._wakeup.set()
         if self._runner is not None:
             await self._runner
@@ -216,26 +273,46 @@ class Buffer:
 
     async def _run(self) -> None:
         interval = self.settings.flush_interval
+        loop = asyncio.get_running_loop()
         while True:
             self._wakeup.clear()
             now = self._clock()
             chunk = self._open
             if chunk is not None and now - chunk.created >= interval:
                 self._seal()
+            if self._deadline is not None and now >= self._deadline:
+                self._give_up_queued()
+            while self._waiting and self._waiting[0][0] <= now:
+                self._ready.appendleft(heapq.heappop(self._waiting)[2])  # oldest data first
             while self._ready and len(self._delivering) < self.settings.flush_thread_count:
-                task = asyncio.get_running_loop().create_task(self._deliver(self._ready.popleft()))
-                self._delivering.add(task)
+                chunk = self._ready.popleft()
+                task = loop.create_task(self._deliver(chunk))
+                self._delivering[task] = chunk
                 task.add_done_callback(self._delivered)
             self._publish_state()
-            if self._closing and not self._ready and not self._delivering and self._open is None:
+            if self._closing and not (self._ready or self._waiting or self._delivering):
                 return
             timeout = min(interval, STATE_PUBLISH_INTERVAL)
             if self._open is not None:
-                timeout = min(timeout, max(0.0, self._open.created + interval - now))
+                timeout = min(timeout, self._open.created + interval - now)
+            if self._waiting:
+                timeout = min(timeout, self._waiting[0][0] - now)
+            if self._deadline is not None:
+                timeout = min(timeout, self._deadline - now)
             with contextlib.suppress(TimeoutError):
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(max(0.0, timeout)):
                     await self._wakeup.wait()
+
+    def _give_up_queued(self) -> None:
+        """The stop deadline has come: every chunk not in an attempt is handed on now."""
+        queued = [*self._ready, *(chunk for _, _, chunk in sorted(self._waiting))]
+        self._ready.clear()
+        self._waiting.clear()
+        for chunk in queued:
+            lines = chunk.lines if chunk.pending is None else chunk.pending
+            self._give_up(chunk, lines, SHUTDOWN_DEADLINE, "not delivered before the deadline")
+            self._finish(chunk)
 
     def _publish_state(self) -> None:
         self._m_bytes.set(self._bytes)
@@ -243,63 +320,61 @@ class Buffer:
         self._m_fill.set(self.fill_ratio)
 
     def _delivered(self, task: asyncio.Task[None]) -> None:
-        self._delivering.discard(task)
-        self._chunks -= 1
+        self._delivering.pop(task, None)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("delivery task failed", exc_info=exc, extra={"destination": self.name})
         self._wakeup.set()
 
     async def _deliver(self, chunk: Chunk) -> None:
-        """Attempt ``chunk`` until every line is delivered, handed on, or dropped."""
-        pending = chunk.lines
-        try:
-            while pending:
-                reason, detail, pending = await self._attempt(pending)
-                if not pending:
-                    return
-                chunk.attempts += 1
-                now = self._clock()
-                if chunk.first_failure is None:
-                    chunk.first_failure = now
-                give_up = self._give_up_reason(chunk, now)
-                if give_up is not None:
-                    log.error(
-                        "giving up on a chunk",
-                        extra={
-                            "destination": self.name,
-                            "reason": give_up,
-                            "last_error": reason,
-                            "detail": detail,
-                            "events": len(pending),
-                            "attempts": chunk.attempts,
-                        },
-                    )
-                    self._hand_on(pending, give_up)
-                    return
-                delay = backoff(
-                    chunk.attempts - 1,
-                    self.settings.retry_wait,
-                    self.settings.retry_max_interval,
-                    self._rng,
-                )
-                if self._deadline is not None:
-                    delay = min(delay, max(0.0, self._deadline - now))
-                self._m_retries.inc()
-                if retries := self._retry_warning.hit():
-                    log.warning(
-                        "delivery failed, will retry",
-                        extra={
-                            "destination": self.name,
-                            "reason": reason,
-                            "detail": detail,
-                            "events": len(pending),
-                            "retry_in": round(delay, 3),
-                            "retries_since_last_line": retries,
-                        },
-                    )
-                await asyncio.sleep(delay)
-        finally:
-            self._release(_memory(chunk))
+        """One attempt at ``chunk``: then it is done, handed on, or waits for its next turn."""
+        reason, detail, pending = await self._attempt(
+            chunk.lines if chunk.pending is None else chunk.pending
+        )
+        if not pending:
+            self._finish(chunk)
+            return
+        chunk.pending = pending
+        now = self._clock()
+        decision = self._policy.after_failure(chunk.retry, now, self._deadline)
+        if isinstance(decision, GiveUp):
+            self._give_up(chunk, pending, decision.reason, f"{reason}: {detail}")
+            self._finish(chunk)
+            return
+        self._m_retries.inc()
+        if retries := self._retry_warning.hit():
+            log.warning(
+                "delivery failed, will retry",
+                extra={
+                    "destination": self.name,
+                    "reason": reason,
+                    "detail": detail,
+                    "events": len(pending),
+                    "retry_in": round(decision.delay, 3),
+                    "retries_since_last_line": retries,
+                },
+            )
+        chunk.retry_at = now + decision.delay
+        heapq.heappush(self._waiting, (chunk.retry_at, next(self._order), chunk))
+
+    def _finish(self, chunk: Chunk) -> None:
+        self._chunks -= 1
+        self._release(_memory(chunk))
+
+    def _give_up(self, chunk: Chunk, lines: list[bytes], reason: str, last_error: str) -> None:
+        log.error(
+            "giving up on a chunk",
+            extra={
+                "destination": self.name,
+                "reason": reason,
+                "last_error": last_error,
+                "events": len(lines),
+                "attempts": chunk.retry.attempts,
+            },
+        )
+        if reason == SHUTDOWN_DEADLINE and self.leftovers is not None:
+            self.leftovers += tagged(chunk, lines)
+            return
+        self.hand_on(lines, reason)
 
     async def _attempt(self, lines: list[bytes]) -> tuple[str, str, list[bytes]]:
         """One sink write: the failure reason, its detail for the log, and the lines to retry
@@ -312,7 +387,7 @@ class Buffer:
         except RetryableError as exc:
             return exc.reason, str(exc), lines
         except TimeoutError:
-            return "shutdown_deadline", "the stop deadline passed during the attempt", lines
+            return SHUTDOWN_DEADLINE, "the stop deadline passed during the attempt", lines
         except Exception as exc:  # a sink bug must not lose the chunk: treat as retryable
             log.exception("sink raised unexpectedly", extra={"destination": self.name})
             return "sink_error", repr(exc), lines
@@ -331,20 +406,10 @@ class Buffer:
                 "destination refused events",
                 extra={"destination": self.name, "reason": reason, "events": len(rejected)},
             )
-            self._hand_on(rejected, reason)
+            self.hand_on(rejected, reason)
         return "partial_failure", f"{len(result.retry)} events refused", result.retry
 
-    def _give_up_reason(self, chunk: Chunk, now: float) -> str | None:
-        s = self.settings
-        if self._deadline is not None and now >= self._deadline:
-            return "shutdown_deadline"
-        if s.retry_max_times is not None and chunk.attempts > s.retry_max_times:
-            return "retries_exhausted"
-        if chunk.first_failure is not None and now - chunk.first_failure >= s.retry_timeout:
-            return "retries_exhausted"
-        return None
-
-    def _hand_on(self, lines: list[bytes], reason: str) -> None:
+    def hand_on(self, lines: list[bytes], reason: str) -> None:
         """Lines this destination cannot deliver: to the secondary, else dropped."""
         if self.secondary is not None and not self.secondary._stopped:
             metrics.SECONDARY_EVENTS.labels(self.name, reason).inc(len(lines))

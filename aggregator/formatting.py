@@ -8,6 +8,7 @@ message as a whole.
 
 from __future__ import annotations
 
+import calendar
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,7 +63,12 @@ def _dumps(record: dict[Any, Any]) -> bytes:
 
 class _TimeFormat:
     """Event time to the injected value. As Fluentd's in_forward does, a missing or zero time
-    (or one that is not a number) means "now"."""
+    (or one that is not a number) means "now".
+
+    ``parse`` is the inverse, for a hand-off: an event time that this format turns into the
+    same value again. Formats that keep milliseconds give the middle of that millisecond, so
+    that float rounding on the way back (seconds + nanoseconds / 1e9) cannot fall into the
+    millisecond before."""
 
     __slots__ = ("_clock",)
 
@@ -77,12 +83,18 @@ class _TimeFormat:
     def __call__(self, t: Any) -> object:
         return self._time(t)
 
+    def parse(self, value: object) -> float | None:
+        return float(value) if isinstance(value, int | float) else None
+
 
 class _EpochMs(_TimeFormat):
     __slots__ = ()
 
     def __call__(self, t: Any) -> object:
         return int(self._time(t) * 1000)
+
+    def parse(self, value: object) -> float | None:
+        return (value + 0.5) / 1000 if isinstance(value, int) else None
 
 
 class _Iso8601(_TimeFormat):
@@ -107,6 +119,16 @@ class _Iso8601(_TimeFormat):
         self._ms = ms
         self._text = f"{self._prefix}.{ms - second * 1000:03d}Z"
         return self._text
+
+    def parse(self, value: object) -> float | None:
+        if not isinstance(value, str) or len(value) != 24 or value[19] != ".":
+            return None
+        try:
+            second = calendar.timegm(time.strptime(value[:19], "%Y-%m-%dT%H:%M:%S"))
+            ms = int(value[20:23])
+        except ValueError:
+            return None
+        return second + (ms + 0.5) / 1000
 
 
 _TIME_FORMATS: dict[str, type[_TimeFormat]] = {
@@ -138,6 +160,17 @@ class Formatter:
         # newline inside strings) give exact-size copies and free orjson's at once.
         data = b"".join(lines)
         return data.splitlines(keepends=True), len(data)
+
+    def entry_of(self, line: bytes) -> list[Any]:
+        """A line this formatter wrote, back as a ``[time, record]`` entry that it would encode
+        to the same line (the tag is the line's own): how a hand-off sends buffered events to a
+        peer that formats them again. Without an injected time, the time is not in the line and
+        any will do: now."""
+        record = orjson.loads(line)
+        t = None
+        if self._time_key is not None:
+            t = self._format_time.parse(record.get(self._time_key))
+        return [t or self._format_time._clock(), record]
 
     def _encode_fast(self, tag: str, entries: Sequence[Any]) -> list[bytes]:
         """One tight loop per inject shape, with no per-event calls but orjson's and the time

@@ -96,6 +96,21 @@ DROPPED_EVENTS = Counter(
     ["destination", "reason"],
     registry=REGISTRY,
 )
+HANDOFF_EVENTS = Counter(
+    "aggregator_handoff_events",
+    "Events a stopping worker could not deliver in time and handed off to [server] handoff "
+    "(acknowledged by it), by destination.",
+    ["destination"],
+    registry=REGISTRY,
+)
+CONNECTIONS_CLOSED = Counter(
+    "aggregator_connections_closed",
+    "Client connections the server closed, by source and why (stop, max_age) and how: "
+    "reset (no acks used: RST right after a read), fin (after the last ack), forced (no safe "
+    "moment came within drain_timeout).",
+    ["source", "cause", "how"],
+    registry=REGISTRY,
+)
 SECONDARY_EVENTS = Counter(
     "aggregator_secondary_events",
     "Events handed to the secondary destination, by destination and reason.",

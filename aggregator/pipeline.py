@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +16,13 @@ from typing import Any
 from aggregator import metrics
 from aggregator.buffer import Admission, Buffer
 from aggregator.config.model import Config
+from aggregator.delivery import SHUTDOWN_DEADLINE
 from aggregator.formatting import Formatter
+from aggregator.handoff import MESSAGE_EVENTS, Parcel, hand_off
 from aggregator.logs import Throttle
 from aggregator.routing import Router
 from aggregator.sinks import build_sink
+from aggregator.stopping import StopPlan
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class Pipeline:
             metrics.DROPPED_EVENTS.labels(dest.name, "buffer_full").inc(len(entries))
             return Outcome.REJECTED
         lines, nbytes = dest.formatter.encode(tag, entries)
-        buffer.append(lines, nbytes)
+        buffer.append(lines, nbytes, tag)
         return Outcome.ACCEPTED
 
     async def wait_for_room(self, tag: str) -> None:
@@ -89,18 +91,51 @@ class Pipeline:
         for dest in self.destinations.values():
             dest.buffer.flush_now()
 
-    async def close(self, deadline: float) -> None:
-        """Flush every buffer until ``deadline`` (time.monotonic()). Primaries close first so
-        that their leftovers reach open secondaries."""
+    def abandon(self, tag: str, events: int, reason: str) -> None:
+        """Count events a source took from a client but could not hand to a buffer."""
+        dest = self.router.route(tag)
+        name = dest.name if dest is not None else "none"
+        metrics.DROPPED_EVENTS.labels(name, reason).inc(events)
+        if dest is not None:
+            dest.buffer.dropped += events
+
+    @property
+    def has_secondary(self) -> bool:
+        return any(d.secondary for d in self.config.destinations.values())
+
+    async def close(self, plan: StopPlan, handoff: tuple[str, int] | None = None) -> None:
+        """Flush every buffer until ``plan.flush_until``; hand what is left to ``handoff`` until
+        ``plan.handoff_until``; then to the secondaries, which write until ``plan.end``."""
         secondaries = {d.secondary for d in self.config.destinations.values() if d.secondary}
         primaries = [d for n, d in self.destinations.items() if n not in secondaries]
-        # Keep a little of the time for the secondaries to write what the primaries hand over.
-        margin = min(5.0, max(0.0, (deadline - time.monotonic()) * 0.1)) if secondaries else 0.0
-        for group, group_deadline in (
-            (primaries, deadline - margin),
-            ([self.destinations[n] for n in secondaries], deadline),
-        ):
-            await asyncio.gather(*(dest.buffer.close(group_deadline) for dest in group))
+        if handoff is not None:
+            for dest in primaries:
+                dest.buffer.leftovers = []
+        await asyncio.gather(*(dest.buffer.close(plan.flush_until) for dest in primaries))
+        if handoff is not None:
+            await self._hand_off(handoff, primaries, plan.handoff_until)
+        await asyncio.gather(*(self.destinations[n].buffer.close(plan.end) for n in secondaries))
+
+    async def _hand_off(
+        self, address: tuple[str, int], primaries: list[Destination], until: float
+    ) -> None:
+        sent: list[tuple[Destination, list[bytes], Parcel]] = []
+        for dest in primaries:
+            for tag, lines in dest.buffer.leftovers or ():
+                for i in range(0, len(lines), MESSAGE_EVENTS):
+                    piece = lines[i : i + MESSAGE_EVENTS]
+                    parcel = Parcel.of(tag, [dest.formatter.entry_of(line) for line in piece])
+                    sent.append((dest, piece, parcel))
+            dest.buffer.leftovers = None
+        if not sent:
+            return
+        await hand_off(address, [parcel for _, _, parcel in sent], until)
+        for dest, lines, parcel in sent:
+            if parcel.acked:
+                metrics.HANDOFF_EVENTS.labels(dest.name).inc(len(lines))
+                dest.buffer.handed_off += len(lines)
+            else:
+                dest.buffer.hand_on(lines, SHUTDOWN_DEADLINE)
 
     def _unmatched(self, tag: str, events: int) -> None:
         metrics.UNMATCHED_EVENTS.inc(events)

@@ -6,9 +6,10 @@ kernel spreads new connections evenly across workers (a single shared accept que
 busy worker take most of them). The supervisor keeps its copy of every socket open, so a
 worker's port stays open, and connections queue, while that worker is restarted.
 
-Signals: SIGTERM/SIGINT stop every worker gracefully (each drains and flushes); a second one
-stops them at once. SIGUSR1 is passed on to every worker (flush now); a worker that receives
-``POST /api/flush`` sends SIGUSR1 here so that every worker flushes.
+Signals: SIGTERM/SIGINT stop every worker gracefully (each closes its connections, flushes and
+hands off, within ``stop_timeout``); a second one stops them at once (SIGUSR2 to each worker).
+SIGUSR1 is passed on to every worker (flush now); a worker that receives ``POST /api/flush``
+sends SIGUSR1 here so that every worker flushes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from aggregator import metrics, process
 from aggregator.config.model import Config, ForwardSource
 from aggregator.process import EXIT_CONFIG, EXIT_OK, EXIT_UNDELIVERED
 from aggregator.sources import Listener
+from aggregator.stopping import StopPlan
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,6 @@ STABLE_UPTIME = 10.0
 """A worker that dies is restarted at once. One that dies again within this many seconds of its
 start waits a backoff first, doubling each time: a worker that cannot start must not spin."""
 
-STOP_GRACE = 10.0
-"""Seconds the supervisor allows past a worker's own drain and shutdown deadlines."""
 
 
 def _bind(kind: socket.SocketKind, host: str, port: int) -> socket.socket:
@@ -97,6 +97,7 @@ class Supervisor:
         self.workers = workers or config.server.workers
         self.slots: list[WorkerSlot] = []
         self._stopping = False
+        self._stop_requested = 0.0
         self._stop = asyncio.Event()
         self._state_dir = tempfile.mkdtemp(prefix="aggregator-")
         self._state_file = os.path.join(self._state_dir, "workers.json")
@@ -235,9 +236,10 @@ class Supervisor:
     def request_stop(self) -> None:
         if self._stopping:
             log.error("second stop signal: stopping every worker at once; buffered events are lost")
-            self._signal_workers(signal.SIGTERM)  # a worker's second SIGTERM exits at once
+            self._signal_workers(signal.SIGUSR2)
             return
         log.info("stop signal: stopping every worker gracefully")
+        self._stop_requested = time.monotonic()
         self._stopping = True
         self._stop.set()
 
@@ -249,14 +251,14 @@ class Supervisor:
                 if listener.udp is not None:
                     listener.udp.close()
         self._signal_workers(signal.SIGTERM)
-        server = self.config.server
-        limit = server.drain_timeout + server.shutdown_timeout + STOP_GRACE
+        # The platform kills us stop_timeout after its SIGTERM: kill first, to say so.
+        limit = self._stop_requested + StopPlan.supervisor_limit(self.config.server)
         procs = [s.proc for s in self.slots if s.proc is not None]
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(max(0.0, limit - time.monotonic())):
                 await asyncio.gather(*(p.wait() for p in procs))
         except TimeoutError:
-            log.error("workers did not stop in time: killing them")
+            log.error("workers did not stop before the kill timer (stop_timeout): killing them")
             self._signal_workers(signal.SIGKILL)
             await asyncio.gather(*(p.wait() for p in procs))
         for task in self._supervising:
@@ -268,21 +270,28 @@ class Supervisor:
         dropped = sum(metrics.values("aggregator_dropped_events_total").values())
         diverted = sum(metrics.values("aggregator_secondary_events_total").values())
         delivered = sum(metrics.values("aggregator_output_events_total").values())
+        handed_off = sum(metrics.values("aggregator_handoff_events_total").values())
         fields = {
             "delivered": int(delivered),
+            "handed_off": int(handed_off),
             "to_secondary": int(diverted),
             "dropped": int(dropped),
             "exit_codes": codes,
         }
         if all(code == EXIT_OK for code in codes):
             log.info(
-                f"stopped: {int(delivered)} events delivered, none lost on the way out",
+                f"stopped: {int(delivered)} events delivered, {int(handed_off)} handed off, "
+                "none lost on the way out",
                 extra=fields,
             )
             return EXIT_OK
+        killed = " (killed: their buffered events are lost and not counted)" if any(
+            code == -signal.SIGKILL for code in codes
+        ) else ""
         log.error(
             f"stopped with undelivered events: {int(diverted)} went to a secondary destination, "
-            f"{int(dropped)} were dropped (workers' exit codes {codes})",
+            f"{int(dropped)} were dropped, {int(handed_off)} handed off (workers' exit codes "
+            f"{codes}){killed}",
             extra=fields,
         )
         return EXIT_UNDELIVERED

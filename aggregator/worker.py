@@ -3,11 +3,17 @@
 The supervisor starts each worker as ``python -m aggregator.worker`` with the listening sockets
 it bound (inherited file descriptors), and a pipe on which the worker says when it is ready.
 
-Stopping, as Fluentd does on SIGTERM: stop accepting; read open connections until they are
-quiet (``drain_quiet_period``) or ``drain_timeout`` passes, then close them; flush every buffer
-with its retries until ``shutdown_timeout``. Exit status 0 when every event reached its
-destination, 1 when, during the stop, events had to go to a secondary destination or were
-dropped. A second SIGTERM stops at once (status 3). SIGUSR1 flushes every buffer now.
+Stopping, on SIGTERM, follows :class:`aggregator.stopping.StopPlan`: stop accepting; close each
+open connection at its first safe moment (:mod:`aggregator.sources.forward`); flush every
+buffer with short retries; hand what is left to ``[server] handoff``, then to the secondaries;
+all before ``stop_timeout``. Exit status 0 when every event reached its destination or was
+handed off, 1 when, during the stop, events had to go to a secondary destination or were
+dropped. SIGUSR1 flushes every buffer now.
+
+One stop per stop: a SIGTERM that arrives while stopping is ignored when supervised (a signal
+to the whole process group reaches the worker twice: directly and from the supervisor); the
+supervisor forces an immediate stop with SIGUSR2 (status 3). A worker run on its own takes a
+second SIGTERM or SIGINT as that.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from aggregator.process import EXIT_CONFIG, EXIT_FORCED, EXIT_OK, EXIT_UNDELIVER
 from aggregator.sources import Listener
 from aggregator.sources.forward import ForwardServer
 from aggregator.sources.http import HttpServer
+from aggregator.stopping import StopPlan
 
 log = logging.getLogger("aggregator.worker")  # not __main__ when run with -m
 
@@ -45,13 +52,14 @@ class Worker:
         self.index = index
         self.pipeline = Pipeline(config, index)
         self.sources: list[ForwardServer | HttpServer] = [
-            ForwardServer(settings, self.pipeline)
+            ForwardServer(settings, self.pipeline, config.server)
             if isinstance(settings, ForwardSource)
             else HttpServer(settings, self.pipeline, config.server)
             for settings in config.sources
         ]
         self._stop = asyncio.Event()
         self._stopping = False
+        self.supervised = False
 
     async def start(self, listeners: Sequence[Listener] | None = None) -> None:
         """Start the pipeline, then the sources: on the given sockets (one per source, in config
@@ -65,11 +73,22 @@ class Worker:
 
     def request_stop(self) -> None:
         if self._stopping:
-            log.error("second stop signal: exiting now; buffered events are lost")
-            logging.shutdown()
-            os._exit(EXIT_FORCED)
+            if self.supervised:
+                log.info("stop signal while stopping: ignored (already stopping)")
+                return
+            self.force_stop()
         self._stopping = True
         self._stop.set()
+
+    def force_stop(self) -> None:
+        """Exit now. What the buffers hold is lost: counted, so the summary says so."""
+        for dest in self.pipeline.destinations.values():
+            if events := dest.buffer.buffered_events:
+                metrics.DROPPED_EVENTS.labels(dest.name, "forced_stop").inc(events)
+        metrics.publish_tallies()
+        log.error("forced stop: exiting now; buffered events are lost")
+        logging.shutdown()
+        os._exit(EXIT_FORCED)
 
     async def wait_stopped(self) -> int:
         await self._stop.wait()
@@ -78,28 +97,39 @@ class Worker:
     async def shutdown(self) -> int:
         server = self.config.server
         started = time.monotonic()
-        deadline = started + server.shutdown_timeout
+        plan = StopPlan.make(
+            server, started, handoff=server.handoff is not None,
+            secondary=self.pipeline.has_secondary,
+        )  # fmt: skip
         buffers = [d.buffer for d in self.pipeline.destinations.values()]
         undelivered_before = sum(b.dropped + b.diverted for b in buffers)
-        log.info("stopping: no new connections; draining open ones")
+        log.info(
+            "stopping: no new connections; closing open ones at their safe moment",
+            extra={"deadline_s": round(plan.end - started, 1)},
+        )
         for source in self.sources:
             source.stop_accepting()
-        await asyncio.gather(
-            *(s.drain(server.drain_quiet_period, server.drain_timeout) for s in self.sources)
-        )
-        log.info("stopping: flushing buffers", extra={"deadline_s": round(deadline - started, 1)})
-        await self.pipeline.close(deadline)
+        await asyncio.gather(*(s.drain(plan.drain_until) for s in self.sources))
+        flush_s = round(plan.flush_until - started, 1)
+        log.info("stopping: flushing buffers", extra={"flush_s": flush_s})
+        await self.pipeline.close(plan, server.handoff_address)
         elapsed = round(time.monotonic() - started, 3)
         dropped = sum(b.dropped for b in buffers)
         diverted = sum(b.diverted for b in buffers)
+        handed_off = sum(b.handed_off for b in buffers)
+        counts = {"handed_off": handed_off, "dropped": dropped, "diverted": diverted,
+                  "seconds": elapsed}  # fmt: skip
         if dropped + diverted > undelivered_before:
             log.error(
                 f"stopped: events not delivered to their destination: {diverted} to a secondary, "
-                f"{dropped} dropped (since start)",
-                extra={"dropped": dropped, "diverted": diverted, "seconds": elapsed},
+                f"{dropped} dropped (since start); {handed_off} handed off",
+                extra=counts,
             )
             return EXIT_UNDELIVERED
-        log.info("stopped: every buffered event was delivered", extra={"seconds": elapsed})
+        log.info(
+            f"stopped: every buffered event was delivered or handed off ({handed_off})",
+            extra=counts,
+        )
         return EXIT_OK
 
     async def watch_supervisor(self, supervisor: int) -> None:
@@ -123,6 +153,8 @@ async def serve(
     loop.add_signal_handler(signal.SIGUSR1, worker.pipeline.flush_all)
     supervisor = process.supervisor_pid()
     if supervisor is not None:
+        worker.supervised = True
+        loop.add_signal_handler(signal.SIGUSR2, worker.force_stop)
         # Ctrl-C reaches the whole process group; the supervisor turns it into one SIGTERM.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         watchdog = loop.create_task(worker.watch_supervisor(supervisor))

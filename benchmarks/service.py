@@ -47,7 +47,7 @@ workers = {config.workers}
 log_level = "info"
 drain_quiet_period = "200ms"
 drain_timeout = "5s"
-shutdown_timeout = "60s"
+stop_timeout = "60s"
 
 {SOURCES}
 [[routes]]

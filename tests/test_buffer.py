@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from aggregator.buffer import Admission, Buffer, backoff
+from aggregator.buffer import Admission, Buffer
+from aggregator.delivery import backoff
 from aggregator.config.model import BufferSettings
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
 

@@ -46,6 +46,30 @@ class ForwardSource(Strict):
         "aggregator_input_errors_total{reason=message_too_large}.",
     )
     heartbeat: bool = Field(True, description="Answer UDP heartbeats on the same port.")
+    keepalive_idle: Duration = Field(
+        60.0,
+        ge=0,
+        description="TCP keepalive: idle seconds before the first probe (0 = off). Keep it well "
+        "under a Network Load Balancer's 350 s idle timeout: Docker's driver sends nothing on an "
+        "idle connection, and one the NLB has forgotten loses the next lines.",
+    )
+    keepalive_interval: Duration = Field(10.0, gt=0, description="TCP keepalive: probe interval.")
+    keepalive_probes: int = Field(
+        6, ge=1, le=127, description="TCP keepalive: unanswered probes before giving up."
+    )
+    max_connection_age: Duration | None = Field(
+        None,
+        gt=0,
+        description="Close a connection this long after it opened, at its next safe moment, so "
+        "that clients reconnect and a scaled-out service shares their load (unset: never).",
+    )
+    max_connection_age_jitter: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Each connection's age limit is shortened by a random fraction up to this, "
+        "so that connections opened together do not all reconnect together.",
+    )
 
 
 class HttpSource(Strict):
@@ -218,14 +242,34 @@ class Server(Strict):
     """Process-wide settings."""
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    stop_timeout: Duration = Field(
+        30.0,
+        ge=2,
+        le=3600,
+        description="The platform's kill timer: how long after SIGTERM the process is killed "
+        "(ECS stopTimeout: 30 s by default, at most 120 s; set the same value here, e.g. "
+        "stop_timeout = \"${STOP_TIMEOUT:-30}\"). The stop plans to be over a margin before "
+        "it: connections closed, buffers flushed, the rest handed off or sent to the secondary.",
+    )
     drain_timeout: Duration = Field(
-        5.0, ge=0, description="On stop: longest wait for open connections to go quiet."
+        5.0,
+        ge=0,
+        description="On stop (and for a max_connection_age close): the longest wait for a "
+        "connection's safe moment to close (a message in progress, a buffer that blocks); then "
+        "it is reset.",
     )
     drain_quiet_period: Duration = Field(
-        0.5, ge=0, description="On stop: a connection silent this long is closed."
+        0.5,
+        ge=0,
+        description="On stop: a connection silent this long is closed at once; a busy one is "
+        "closed right after its next read.",
     )
-    shutdown_timeout: Duration = Field(
-        100.0, gt=0, description="On stop: deadline for flushing every buffer (ECS allows 120 s)."
+    handoff: str | None = Field(
+        None,
+        description="host:port of a forward-protocol server that takes what the stop cannot "
+        "deliver in time (on ECS: the service's own NLB name, which reaches the tasks still "
+        "running). Events count as handed off once acknowledged. Unset: straight to the "
+        "secondary.",
     )
     workers: int = Field(
         default_factory=lambda: len(os.sched_getaffinity(0)),
@@ -234,6 +278,28 @@ class Server(Strict):
         description="Worker processes (default: the CPUs this process may use; on Fargate, the "
         "task's vCPUs). `aggregator run --workers N` overrides it.",
     )
+    @property
+    def handoff_address(self) -> tuple[str, int] | None:
+        if self.handoff is None:
+            return None
+        host, _, port = self.handoff.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_handoff_is_none(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("handoff") == "":
+            data = {**data, "handoff": None}
+        return data
+
+    @model_validator(mode="after")
+    def _handoff_is_host_port(self) -> Server:
+        if self.handoff is not None:
+            host, sep, port = self.handoff.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"handoff: expected host:port, got {self.handoff!r}")
+        return self
+
     buffer_high_water: float = Field(
         0.9,
         gt=0,

@@ -1,4 +1,4 @@
-"""Open client connections of one source: counted, and drained on shutdown."""
+"""Open client connections of one source: counted, and closed on stop."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ from aggregator import metrics
 
 
 class Drainable(Protocol):
-    last_activity: float
+    def begin_close(self, cause: str) -> None:
+        """Close at the connection's first safe moment."""
 
-    @property
-    def idle(self) -> bool: ...
-
-    def close(self) -> None: ...
+    def force_close(self) -> None:
+        """Close now."""
 
 
 C = TypeVar("C", bound=Drainable)
@@ -40,15 +39,12 @@ class ConnectionSet(Generic[C]):
             self._connections.remove(conn)
             self._gauge.dec()
 
-    async def drain(self, quiet: float, timeout: float) -> None:
-        """Close each connection once it has been quiet for ``quiet`` seconds with nothing
-        pending; after ``timeout`` close the rest. Data a client sent before the stop is read."""
-        deadline = time.monotonic() + timeout
-        while self._connections and time.monotonic() < deadline:
-            now = time.monotonic()
-            for conn in list(self._connections):
-                if conn.idle and now - conn.last_activity >= quiet:
-                    conn.close()
+    async def drain(self, cause: str, until: float) -> None:
+        """Close every connection at its first safe moment; those still open at ``until`` (a
+        time.monotonic() time) are closed at once."""
+        for conn in list(self._connections):
+            conn.begin_close(cause)
+        while self._connections and time.monotonic() < until:
             await asyncio.sleep(POLL_INTERVAL)
         for conn in list(self._connections):
-            conn.close()
+            conn.force_close()

@@ -4,17 +4,37 @@ One :class:`ForwardConnection` per client, built on ``asyncio.Protocol``: bytes 
 sans-IO decoder, messages come out and are dispatched one by one. When a destination's buffer is
 full and blocks, the connection stops reading (TCP backpressure reaches the sender) and resumes
 with the same message once there is room. Bad input closes that one connection.
+
+Closing a connection ourselves (the stop, ``max_connection_age``) waits for its first safe
+moment, because a client that is not reading cannot tell a closed connection from a slow one:
+
+- A client that never asked for acks (Docker's driver by default) is closed with a reset (RST)
+  right after a read that left nothing in the socket and no partial message. Its next write
+  then fails, and it sends that message again on a new connection. After a plain close (FIN)
+  that write would succeed into a dead connection and be lost.
+- A client that uses acks gets the acks for everything it sent, then a FIN (a reset could
+  destroy an ack in flight and cause a duplicate). What it sends after that is read and
+  discarded unacknowledged: it sends it again elsewhere.
+- A message split across reads is completed first. ``drain_timeout`` bounds all this; a
+  connection with no safe moment by then is reset, and what it leaves is counted.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
+import fcntl
 import logging
+import random
+import socket
+import struct
+import termios
 import time
 from typing import Any, cast
 
 from aggregator import metrics
-from aggregator.config.model import ForwardSource
+from aggregator.config.model import ForwardSource, Server
 from aggregator.formatting import InvalidEvent
 from aggregator.pipeline import Outcome, Pipeline
 from aggregator.protocol import Batch, ForwardDecoder, ProtocolError, encode_ack
@@ -29,6 +49,30 @@ HEARTBEAT_REPLY = b"\x00"
 FAIR_READ_BYTES = 64 * 1024
 """A read at least this big suggests more is waiting: the connection yields the loop."""
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, zero seconds: close() sends RST and discards what is unsent."""
+
+
+def unread_bytes(sock: Any) -> int:
+    """Bytes the kernel has received on ``sock`` that nobody has read yet."""
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    except OSError:
+        return 0
+    return count[0]
+
+
+def set_keepalive(sock: Any, settings: ForwardSource) -> None:
+    if not settings.keepalive_idle:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(settings.keepalive_idle)))
+    sock.setsockopt(
+        socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(settings.keepalive_interval))
+    )
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, settings.keepalive_probes)
+
 
 class ForwardConnection(asyncio.Protocol):
     def __init__(self, server: ForwardServer) -> None:
@@ -40,6 +84,10 @@ class ForwardConnection(asyncio.Protocol):
         self._waiting: asyncio.Task[None] | None = None  # held: the loop keeps weak references
         self._peer = "?"
         self.last_activity = time.monotonic()
+        self.uses_acks = False
+        self._closing: str | None = None  # why we are closing: at the first safe moment
+        self._discarding = False  # FIN sent after the last ack: the rest is not ours to take
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._m_events = metrics.tally(metrics.INPUT_EVENTS.labels(server.settings.name))
         self._m_bytes = metrics.tally(metrics.INPUT_BYTES.labels(server.settings.name))
 
@@ -49,14 +97,27 @@ class ForwardConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = self._transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        settings = self._server.settings
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            set_keepalive(sock, settings)
+        if settings.max_connection_age is not None:
+            age = settings.max_connection_age
+            age *= 1 - random.random() * settings.max_connection_age_jitter
+            self._later("max_age", age, self.begin_close, "max_age")
         self._server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._transport = None
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
+        if self._discarding:
+            return
         self._m_bytes.pending += len(data)
         try:
             self._decoder.receive_data(data)
@@ -65,6 +126,8 @@ class ForwardConnection(asyncio.Protocol):
             return
         if self._pending is None:
             self._process()
+        if self._closing is not None:
+            self._close_if_safe()
         transport = self._transport
         if len(data) >= FAIR_READ_BYTES and self._pending is None and transport is not None:
             # libuv keeps reading a busy socket (up to 32 reads) before anything else runs: a
@@ -110,8 +173,10 @@ class ForwardConnection(asyncio.Protocol):
                 return
             self._pending = None
             self._m_events.pending += len(batch.entries)
-            if outcome is not Outcome.REJECTED and batch.chunks:
-                transport.write(b"".join(map(encode_ack, batch.chunks)))
+            if batch.chunks:
+                self.uses_acks = True
+                if outcome is not Outcome.REJECTED:
+                    transport.write(b"".join(map(encode_ack, batch.chunks)))
 
     async def _resume_when_room(self, tag: str) -> None:
         await self._pipeline.wait_for_room(tag)
@@ -119,6 +184,8 @@ class ForwardConnection(asyncio.Protocol):
             return
         self._transport.resume_reading()
         self._process()
+        if self._closing is not None:
+            self._close_if_safe()
 
     def _refuse(self, reason: str, detail: str) -> None:
         metrics.INPUT_ERRORS.labels(self._server.settings.name, reason).inc()
@@ -130,15 +197,80 @@ class ForwardConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    # --- shutdown ---------------------------------------------------------------------------
+    # --- closing at a safe moment --------------------------------------------------------
 
-    @property
-    def idle(self) -> bool:
-        return self._pending is None
+    def begin_close(self, cause: str) -> None:
+        """Close this connection at its first safe moment (see the module's docstring): now if
+        it has been quiet for ``drain_quiet_period``, else right after a read; reset after
+        ``drain_timeout`` whatever happens."""
+        if self._closing is not None or self._transport is None:
+            return
+        self._closing = cause
+        server = self._server.server
+        self._later("force", server.drain_timeout, self.force_close)
+        self._close_when_quiet()
 
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+    def _close_when_quiet(self) -> None:
+        quiet = self._server.server.drain_quiet_period
+        silent = time.monotonic() - self.last_activity
+        if silent >= quiet:
+            self._close_if_safe()
+        transport = self._transport
+        if transport is not None and not transport.is_closing() and not self._discarding:
+            self._later("quiet", max(quiet - silent, 0.05), self._close_when_quiet)
+
+    def _close_if_safe(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._discarding:
+            return
+        if self._pending is not None or self._decoder.pending_bytes:
+            return  # a message is in progress or waits for buffer room
+        if self.uses_acks:
+            self._discarding = True
+            transport.write_eof()  # sent once the acks already written are
+            self._count_close("fin")
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and unread_bytes(sock):
+            return  # more has arrived: the next read brings it, then we look again
+        self._reset("reset")
+
+    def force_close(self) -> None:
+        """No safe moment came in time (or the stop's drain is over): reset, counting what the
+        client sent that no buffer took."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._discarding:  # acked and FIN sent; the client just never closed its side
+            transport.abort()
+            return
+        if self._pending is not None:
+            self._pipeline.abandon(self._pending.tag, len(self._pending.entries), "closed_blocked")
+        if self._decoder.pending_bytes:
+            log.warning(
+                "closing connection with a message in progress",
+                extra={"source": self._server.settings.name, "peer": self._peer,
+                       "bytes": self._decoder.pending_bytes, "cause": self._closing},
+            )  # fmt: skip
+        self._reset("forced")
+
+    def _reset(self, how: str) -> None:
+        transport = self._transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed by the peer already: nothing to reset
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+        self._count_close(how)
+
+    def _count_close(self, how: str) -> None:
+        metrics.CONNECTIONS_CLOSED.labels(self._server.settings.name, self._closing, how).inc()
+
+    def _later(self, name: str, delay: float, callback: Any, *args: Any) -> None:
+        if (previous := self._timers.get(name)) is not None:
+            previous.cancel()
+        self._timers[name] = asyncio.get_running_loop().call_later(delay, callback, *args)
 
 
 class _HeartbeatProtocol(asyncio.DatagramProtocol):
@@ -154,8 +286,9 @@ class _HeartbeatProtocol(asyncio.DatagramProtocol):
 
 
 class ForwardServer:
-    def __init__(self, settings: ForwardSource, pipeline: Pipeline) -> None:
+    def __init__(self, settings: ForwardSource, pipeline: Pipeline, server: Server) -> None:
         self.settings = settings
+        self.server = server
         self.pipeline = pipeline
         self.connections: ConnectionSet[ForwardConnection] = ConnectionSet(settings.name)
         self._server: asyncio.Server | None = None
@@ -198,5 +331,5 @@ class ForwardServer:
         if self._heartbeat is not None:
             self._heartbeat.close()
 
-    async def drain(self, quiet: float, timeout: float) -> None:
-        await self.connections.drain(quiet, timeout)
+    async def drain(self, until: float) -> None:
+        await self.connections.drain("stop", until)

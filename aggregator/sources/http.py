@@ -171,7 +171,7 @@ class HttpServer:
     def stop_accepting(self) -> None:
         self.accepting = False
 
-    async def drain(self, quiet: float, timeout: float) -> None:
+    async def drain(self, until: float) -> None:
         """Stop listening, let requests in progress finish (up to the drain timeout), close the
         rest."""
         if self._runner is not None:

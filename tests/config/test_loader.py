@@ -51,7 +51,8 @@ def test_defaults() -> None:
     config = loads(MINIMAL, {})
     forward = config.sources[0]
     assert (forward.bind, forward.port) == ("0.0.0.0", 24224)
-    assert config.server.shutdown_timeout == 100.0
+    assert config.server.stop_timeout == 30.0
+    assert config.server.handoff is None
     assert config.destinations["out"].buffer.overflow_action == "block"
 
 
@@ -120,8 +121,8 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["check", "-c", str(good)]) == 0
     assert "'**'" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
-    bad.write_text(MINIMAL + "\n[server]\nshutdown_timeout = 0\n")
+    bad.write_text(MINIMAL + "\n[server]\nstop_timeout = 0\n")
     assert main(["check", "-c", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "server.shutdown_timeout" in err
+    assert "server.stop_timeout" in err
     assert main(["check", "-c", str(tmp_path / "missing.toml")]) == 2

@@ -162,7 +162,7 @@ BASE_CONFIG = """
 workers = 2
 drain_quiet_period = "100ms"
 drain_timeout = "2s"
-shutdown_timeout = "20s"
+stop_timeout = "20s"
 
 [[sources]]
 type = "forward"

@@ -247,7 +247,7 @@ def test_sigterm_with_a_refusing_service_ends_in_the_secondary(
 ) -> None:
     emulator.configure(throttle_rate=1.0)
     config = firehose_config(emulator.endpoint_url, "down").replace(
-        'shutdown_timeout = "20s"', 'shutdown_timeout = "3s"'
+        'stop_timeout = "20s"', 'stop_timeout = "4s"'
     )
     agg = start_aggregator(config)
     send_with_acks(agg.forward_port, "app", range(300))
@@ -266,7 +266,7 @@ def test_sigterm_without_secondary_reports_the_loss(
 ) -> None:
     emulator.configure(throttle_rate=1.0)
     config = firehose_config(emulator.endpoint_url, "down", secondary=None).replace(
-        'shutdown_timeout = "20s"', 'shutdown_timeout = "2s"'
+        'stop_timeout = "20s"', 'stop_timeout = "3s"'
     )
     agg = start_aggregator(config)
     send_with_acks(agg.forward_port, "app", range(100))
