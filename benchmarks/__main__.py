@@ -1,5 +1,6 @@
 """``python -m benchmarks run ...`` measures; ``python -m benchmarks size ...`` sizes a fleet;
-``python -m benchmarks connections ...`` measures what open connections cost."""
+``python -m benchmarks connections ...`` measures what open connections cost;
+``python -m benchmarks redeploy ...`` counts what rolling restarts lose."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from aggregator.config.units import parse_size
 from aggregator.emulator.__main__ import add_fault_arguments
-from benchmarks import connections, sizing
+from benchmarks import connections, redeploy, sizing
 from benchmarks.config import RunConfig
 from benchmarks.runner import run_benchmark
 from benchmarks.templates import MODES
@@ -123,6 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_event_size(conns, defaults.event_size)
 
+    roll = commands.add_parser(
+        "redeploy",
+        help="count what rolling restarts lose, per client mode",
+        description="Two instances, clients like Docker's fluentd driver (with and without "
+        "acks); the instance they use is stopped and started again, N times. Exit status 1 "
+        "when anything was lost.",
+    )
+    roll.add_argument("--stops", type=_positive_int, default=20)
+    roll.add_argument("--plain-clients", type=int, default=4, help="clients without acks")
+    roll.add_argument("--acked-clients", type=int, default=4, help="clients with acks")
+    roll.add_argument(
+        "--interval", type=float, default=0.002, help="seconds between a client's messages"
+    )
+    roll.add_argument(
+        "--max-connection-age", metavar="DURATION", help="also close connections at this age"
+    )
+    roll.add_argument(
+        "--source",
+        type=Path,
+        metavar="DIR",
+        help="run the aggregator package of this checkout instead (a before/after)",
+    )
+
     size = commands.add_parser(
         "size",
         help="turn per-core figures into a Fargate task count",
@@ -190,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "connections":
             burst = connections.make_burst(parse_size(args.burst), args.event_size)
-        else:
+        elif args.command == "run":
             config = _config(args)
     except (ValueError, OSError) as exc:  # bad settings, or a results file that is not there
         parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
@@ -198,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "connections":
             print(connections.measure(args.connections, burst).render())
             return 0
+        if args.command == "redeploy":
+            result = redeploy.measure(
+                args.stops, args.plain_clients, args.acked_clients, args.interval,
+                args.source, args.max_connection_age,
+            )  # fmt: skip
+            print(result.render())
+            return result.exit_status
         return run_benchmark(config).exit_status
     except KeyboardInterrupt:
         return 130

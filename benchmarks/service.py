@@ -106,7 +106,10 @@ class Service:
         workdir: Path,
         ready_timeout: float = 30.0,
         extra_env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> Service:
+        """Start ``aggregator run`` on ``config_text``; ``cwd``: where ``python -m aggregator``
+        looks first for the package (another checkout, with PYTHONPATH in ``extra_env``)."""
         config_path = workdir / "aggregator.toml"
         config_path.write_text(config_text)
         log_path = workdir / "aggregator.log"
@@ -125,6 +128,7 @@ class Service:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 env={**service_env(), **(extra_env or {})},
+                cwd=cwd,
                 start_new_session=True,  # a terminal's Ctrl-C must not stop it before we do
             )
         deadline = time.monotonic() + ready_timeout

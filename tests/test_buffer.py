@@ -12,8 +12,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from aggregator.buffer import Admission, Buffer
-from aggregator.delivery import backoff
+from aggregator.buffer import Admission, Buffer, Chunk, tagged
 from aggregator.config.model import BufferSettings
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
 
@@ -65,13 +64,6 @@ async def settle(buf: Buffer, sink: ScriptedSink, count: int, timeout: float = 3
     deadline = time.monotonic() + timeout
     while len(sink.delivered) < count and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-
-
-def test_backoff_is_full_jitter_and_capped() -> None:
-    rng = random.Random(1)
-    samples = [backoff(10, 1.0, 30.0, rng) for _ in range(1000)]
-    assert 0 <= min(samples) < 3 and 27 < max(samples) <= 30
-    assert all(backoff(0, 1.0, 30.0, rng) <= 1.0 for _ in range(100))
 
 
 def test_flush_on_size_count_and_interval() -> None:
@@ -253,3 +245,95 @@ def test_shutdown_deadline_hands_everything_on() -> None:
         assert sorted(dead.delivered) == lines(25)
 
     run(main)
+
+
+class LongestWait(random.Random):
+    """Backoff always at its cap: makes "a long wait" certain rather than likely."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_a_chunk_waiting_for_its_retry_holds_no_flush_slot() -> None:
+    async def main() -> None:
+        def script(attempt: int, batch: list[bytes]) -> WriteResult | None:
+            if batch[0] == lines(1)[0]:
+                raise RetryableError("throttled")  # the first chunk keeps failing
+            return None
+
+        sink = ScriptedSink(script)
+        s = settings(flush_thread_count=1, retry_wait=30, retry_max_interval=30)
+        buf = Buffer("t", s, sink, rng=LongestWait())
+        buf.start()
+        buf.append(lines(10), 100)
+        buf.flush_now()
+        await asyncio.sleep(0.05)  # its first attempt failed: it now waits 30 s
+        buf.append(lines(10, 10), 100)
+        buf.flush_now()
+        await settle(buf, sink, 10, timeout=1)
+        assert sink.delivered == lines(10, 10), "the only slot was held by a waiting chunk"
+        assert buf.buffered_events == 10
+
+    run(main)
+
+
+def test_the_stop_cuts_a_long_retry_wait_short() -> None:
+    async def main() -> None:
+        def script(attempt: int, batch: list[bytes]) -> WriteResult | None:
+            if attempt == 1:
+                raise RetryableError("throttled")
+            return None
+
+        sink = ScriptedSink(script)
+        buf = Buffer("t", settings(retry_wait=30, retry_max_interval=30), sink, rng=LongestWait())
+        buf.start()
+        buf.append(lines(5), 50)
+        buf.flush_now()
+        await asyncio.sleep(0.05)  # failed once; its next try is 30 s away
+        started = time.monotonic()
+        await buf.close(started + 5)
+        assert sink.delivered == lines(5)
+        assert time.monotonic() - started < 1.5  # STOP_RETRY_MAX_INTERVAL, not 30 s
+
+    run(main)
+
+
+def test_at_the_deadline_leftovers_come_back_by_tag_for_a_hand_off() -> None:
+    async def main() -> None:
+        def script(attempt: int, batch: list[bytes]) -> WriteResult:
+            # Half of every attempt is refused for now: the rest is delivered.
+            return WriteResult(retry=batch[::2])
+
+        dead = ScriptedSink()
+        secondary = Buffer("dead", settings(), dead)
+        sink = ScriptedSink(script)
+        buf = Buffer("t", settings(chunk_limit_size=10_000), sink, secondary)
+        secondary.start()
+        buf.start()
+        buf.leftovers = []
+        sent = {"a": lines(4), "b": lines(3, 4), "c": lines(5, 7)}
+        buf.append(sent["a"][:2], 20, "a")
+        buf.append(sent["a"][2:], 20, "a")
+        buf.append(sent["b"], 30, "b")
+        buf.append(sent["c"], 50, "c")
+        await buf.close(time.monotonic() + 0.3)
+        left = buf.leftovers
+        assert left and all(line not in sink.delivered for _, batch in left for line in batch)
+        for tag, batch in left:
+            assert set(batch) <= set(sent[tag])
+        assert sorted(sink.delivered + [x for _, b in left for x in b]) == lines(12)
+        assert buf.dropped == buf.diverted == 0 and dead.delivered == []
+        assert buf.buffered_bytes == 0  # leftovers no longer count against the limit
+        await secondary.close(time.monotonic() + 1)
+
+    run(main)
+
+
+def test_tagged_groups_a_subset_of_a_chunks_lines_by_tag_in_order() -> None:
+    chunk_lines = lines(6)
+    chunk = Chunk(chunk_lines, 60, 0.0, [("a", 2), ("b", 3), ("a", 1)])
+    assert tagged(chunk, chunk_lines) == [
+        ("a", chunk_lines[:2]), ("b", chunk_lines[2:5]), ("a", chunk_lines[5:]),
+    ]  # fmt: skip
+    subset = [chunk_lines[1], chunk_lines[4], chunk_lines[5]]
+    assert tagged(chunk, subset) == [("a", subset[:1]), ("b", subset[1:2]), ("a", subset[2:])]

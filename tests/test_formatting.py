@@ -7,9 +7,12 @@ from typing import Any
 import msgpack
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregator.config.model import Inject
 from aggregator.formatting import Formatter, InvalidEvent
+from aggregator.protocol import EventTime
 
 PLAIN = Formatter(Inject())
 
@@ -96,3 +99,26 @@ def test_encoded_lines_hold_about_their_own_size_in_memory() -> None:
         tracemalloc.stop()
     data = sum(nbytes for _, nbytes in kept)
     assert held < data * 1.6, f"{held} bytes held for {data} bytes of events"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    time_format=st.sampled_from(["iso8601", "epoch", "epoch_ms"]),
+    t=st.floats(min_value=1.0, max_value=4e9, allow_nan=False),
+    record=st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=8), st.integers(
+        min_value=-(2**53), max_value=2**53), st.booleans(), st.none()), max_size=4),
+)
+def test_a_line_comes_back_as_an_entry_that_formats_to_the_same_line(
+    time_format: str, t: float, record: dict[str, object]
+) -> None:
+    """What a hand-off relies on: a peer with the same inject writes the very same line, even
+    with the time sent as an EventTime (seconds + nanoseconds / 1e9 on the way back)."""
+    inject = Inject.model_validate(
+        {"tag_key": "tag", "time_key": "time", "time_format": time_format}
+    )
+    [line], _ = Formatter(inject).encode("app.web", [[t, dict(record)]])
+    when, again = Formatter(inject).entry_of(line)
+    wire = EventTime.from_float(when)
+    received = wire.seconds + wire.nanoseconds / 1e9
+    [same], _ = Formatter(inject).encode("app.web", [[received, again]])
+    assert same == line

@@ -123,7 +123,10 @@ def start_aggregator(tmp_path: Path) -> Iterator[StartAggregator]:
     started: list[Aggregator] = []
 
     def start(
-        config: str, env: dict[str, str] | None = None, ready_timeout: float = 20.0
+        config: str,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 20.0,
+        own_process_group: bool = False,
     ) -> Aggregator:
         n = len(started)
         forward_port, http_port = free_port(), free_port()
@@ -139,6 +142,7 @@ def start_aggregator(tmp_path: Path) -> Iterator[StartAggregator]:
             stdout=subprocess.DEVNULL,
             stderr=log_path.open("wb"),
             env={**os.environ, **(env or {})},
+            process_group=0 if own_process_group else None,
         )
         agg = Aggregator(proc, forward_port, http_port, data_dir, log_path)
         started.append(agg)

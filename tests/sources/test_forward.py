@@ -1,0 +1,221 @@
+"""The forward input's own closes, in one process on real sockets: keepalive, the reset after a
+read for clients without acks, the FIN after the last ack, messages completed first, the bound,
+and max_connection_age."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgpack
+import pytest
+import uvloop
+
+from aggregator import metrics
+from aggregator.config.model import Config
+from aggregator.pipeline import Pipeline
+from aggregator.protocol import encode_message
+from aggregator.sources.forward import ForwardServer, unread_bytes
+from benchmarks.docker_client import DockerLikeClient
+
+
+def config(quiet: float = 10, drain_timeout: float = 2, **forward: Any) -> Config:
+    return Config.model_validate({
+        "server": {"drain_quiet_period": quiet, "drain_timeout": drain_timeout},
+        "sources": [{"type": "forward", "bind": "127.0.0.1", "port": 0, "heartbeat": False,
+                     **forward}],
+        "routes": [{"match": "**", "destination": "out"}],
+        "destinations": {"out": {"type": "null", "buffer": {"flush_interval": "1h"}}},
+    })  # fmt: skip
+
+
+@asynccontextmanager
+async def serve(cfg: Config) -> AsyncIterator[ForwardServer]:
+    pipeline = Pipeline(cfg)
+    await pipeline.start()
+    server = ForwardServer(cfg.sources[0], pipeline, cfg.server)  # type: ignore[arg-type]
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.stop_accepting()
+        await server.drain(time.monotonic())
+        for dest in pipeline.destinations.values():
+            await dest.buffer.close(time.monotonic() + 1)
+
+
+def buffered(server: ForwardServer) -> int:
+    return server.pipeline.destinations["out"].buffer.buffered_events
+
+
+def closes(how: str, cause: str = "stop") -> float:
+    """aggregator_connections_closed_total{cause, how} in this process."""
+    return sum(
+        sample.value
+        for family in metrics.REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == "aggregator_connections_closed_total"
+        and sample.labels == {"source": "forward", "cause": cause, "how": how}
+    )
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    uvloop.run(asyncio.wait_for(main(), 30))
+
+
+def message(i: int, chunk: str | None = None) -> bytes:
+    return encode_message("app", 1700000000, {"id": i}, chunk=chunk)
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_accepted_sockets_use_tcp_keepalive() -> None:
+    async def main() -> None:
+        cfg = config(keepalive_idle=42, keepalive_interval=7, keepalive_probes=4)
+        async with serve(cfg) as server:
+            with socket.create_connection(("127.0.0.1", server.port)):
+                await until(lambda: len(server.connections) == 1)
+                [conn] = list(server.connections._connections)
+                sock = conn._transport.get_extra_info("socket")  # type: ignore[union-attr]
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 42
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 7
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+
+    run(main)
+
+
+def test_a_client_without_acks_is_reset_right_after_its_next_read() -> None:
+    async def main() -> None:
+        async with serve(config()) as server:
+            resets = closes("reset")
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.sendall(message(1))
+                await until(lambda: buffered(server) == 1)
+                server.connections._connections.copy().pop().begin_close("stop")
+                await asyncio.sleep(0.1)
+                client.sendall(message(2))  # read, buffered, then the reset
+                await until(lambda: len(server.connections) == 0)
+                assert buffered(server) == 2
+                with pytest.raises(OSError):  # so the client sends it again elsewhere
+                    client.sendall(message(3))
+            assert closes("reset") == resets + 1
+
+    run(main)
+
+
+def test_a_client_with_acks_gets_every_ack_then_eof() -> None:
+    async def main() -> None:
+        async with serve(config()) as server:
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.sendall(message(1, chunk="c1"))
+                await until(lambda: buffered(server) == 1)
+                conn = server.connections._connections.copy().pop()
+                conn.begin_close("stop")
+                await asyncio.sleep(0.1)  # still connected: waits for a quiet moment or a read
+                client.sendall(message(2, chunk="c2"))
+                await until(lambda: conn._discarding)
+                client.sendall(message(3, chunk="c3"))  # after our FIN: not ours to take
+                await asyncio.sleep(0.1)
+                client.settimeout(2)
+                replies, data = [], b"x"
+                while data:
+                    data = await asyncio.to_thread(client.recv, 4096)
+                    replies.append(data)
+                acks = list(msgpack.Unpacker(io.BytesIO(b"".join(replies))))
+                assert acks == [{"ack": "c1"}, {"ack": "c2"}]  # then EOF: c3 is sent again
+                assert buffered(server) == 2
+
+    run(main)
+
+
+def test_a_message_split_across_reads_is_completed_before_the_close() -> None:
+    async def main() -> None:
+        async with serve(config(quiet=0)) as server:  # closes at once if it can
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                whole = message(1)
+                client.sendall(whole[:5])
+                await until(lambda: len(server.connections) == 1)
+                await asyncio.sleep(0.05)
+                server.connections._connections.copy().pop().begin_close("stop")
+                await asyncio.sleep(0.2)
+                assert len(server.connections) == 1  # not in the middle of a message
+                client.sendall(whole[5:])
+                await until(lambda: len(server.connections) == 0)
+                assert buffered(server) == 1
+
+    run(main)
+
+
+def test_with_no_safe_moment_the_connection_is_reset_at_drain_timeout() -> None:
+    async def main() -> None:
+        async with serve(config(drain_timeout=0.3)) as server:
+            forced = closes("forced")
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.sendall(message(1)[:5])  # and never the rest
+                await until(lambda: len(server.connections) == 1)
+                started = time.monotonic()
+                server.connections._connections.copy().pop().begin_close("stop")
+                await until(lambda: len(server.connections) == 0)
+                assert 0.25 < time.monotonic() - started < 1.0
+            assert closes("forced") == forced + 1
+
+    run(main)
+
+
+@pytest.mark.parametrize("acks", [False, True])
+def test_max_connection_age_moves_a_busy_client_without_losing_a_message(acks: bool) -> None:
+    async def main() -> None:
+        cfg = config(max_connection_age=0.2, max_connection_age_jitter=0.5)
+        async with serve(cfg) as server:
+            client = DockerLikeClient([server.port], "aged", acks=acks, interval=0.005, count=300)
+            client.start()
+            await until(lambda: not client.is_alive(), timeout=20)
+            await until(lambda: buffered(server) >= len(client.sent), timeout=2)
+            assert client.failed == []
+            assert buffered(server) == len(client.sent) == 300  # none lost, none twice
+            assert client.connections >= 5
+
+    run(main)
+
+
+def test_what_the_socket_holds_is_read_before_the_reset() -> None:
+    """A read that ends between two messages while more waits in the socket is not a safe
+    moment: every byte that had reached us when the close began is taken. (Bytes still in the
+    client's own kernel when the reset goes out cannot be: that is what acks are for.)"""
+
+    async def main() -> None:
+        async with serve(config()) as server:
+            def kib(i: int) -> bytes:  # reads of whole KiBs end between two messages
+                empty = len(encode_message("app", 1700000000, {"id": i, "p": ""}))
+                pad = 1024 - empty - 2  # a str16 header is 2 bytes longer than an empty str's
+                return encode_message("app", 1700000000, {"id": i, "p": "x" * pad})
+
+            burst = b"".join(kib(i) for i in range(512))
+            assert len(burst) == 512 * 1024  # more than one read (uvloop reads 256 KiB at most)
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                await until(lambda: len(server.connections) == 1)
+                conn = server.connections._connections.copy().pop()
+                transport = conn._transport
+                assert transport is not None
+                sock = transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * len(burst))  # room for all
+                transport.pause_reading()
+                client.sendall(burst)
+                await until(lambda: unread_bytes(sock) == len(burst))
+                conn.begin_close("stop")
+                transport.resume_reading()
+                await until(lambda: len(server.connections) == 0)
+                assert buffered(server) == 512
+
+    run(main)
