@@ -70,7 +70,8 @@ class ModeResult:
     sent: int
     lost: int
     duplicated: int
-    reconnects: int
+    connections: int
+    """Connections the clients opened: each one but the last ended in a server close."""
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,14 @@ class RedeployResult:
             f"stops              {self.stops} (SIGTERM to the instance the clients use)",
             f"stop duration      median {median:.2f} s, max {max(self.stop_seconds):.2f} s; "
             f"exit codes {sorted(set(self.exit_codes))}",
-            f"{'mode':<10}{'clients':>8}{'sent':>9}{'lost':>7}{'dup':>6}{'lost/stop/conn':>16}",
+            f"{'mode':<10}{'clients':>8}{'sent':>9}{'lost':>7}{'dup':>6}{'lost/stop/conn':>16}"
+            f"{'closes':>8}",
         ]
         for m in self.modes:
             per = m.lost / (self.stops * m.clients) if m.clients else 0.0
             rows.append(
                 f"{m.mode:<10}{m.clients:>8}{m.sent:>9,}{m.lost:>7}{m.duplicated:>6}{per:>16.2f}"
+                f"{m.connections - m.clients:>8,}"
             )
         return "\n".join(rows)
 
@@ -162,5 +165,5 @@ def measure(
             lost += len(set(c.sent) - set(got))
             dup += sum(n - 1 for n in got.values() if n > 1)
         modes.append(ModeResult(mode, len(ours), sum(len(c.sent) for c in ours), lost, dup,
-                                sum(c.reconnects for c in ours)))  # fmt: skip
+                                sum(c.connections for c in ours)))  # fmt: skip
     return RedeployResult(stops, modes, stop_seconds, codes)

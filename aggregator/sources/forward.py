@@ -21,15 +21,9 @@ moment, because a client that is not reading cannot tell a closed connection fro
 
 from __future__ import annotations
 
-import array
 import asyncio
-import contextlib
-import fcntl
 import logging
 import random
-import socket
-import struct
-import termios
 import time
 from typing import Any, cast
 
@@ -40,6 +34,7 @@ from aggregator.pipeline import Outcome, Pipeline
 from aggregator.protocol import Batch, ForwardDecoder, ProtocolError, encode_ack
 from aggregator.sources import Listener
 from aggregator.sources.connections import ConnectionSet
+from aggregator.sources.tcp import reset_now, set_keepalive, unread_bytes
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +43,6 @@ HEARTBEAT_REPLY = b"\x00"
 
 FAIR_READ_BYTES = 64 * 1024
 """A read at least this big suggests more is waiting: the connection yields the loop."""
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
-"""SO_LINGER on, zero seconds: close() sends RST and discards what is unsent."""
-
-
-def unread_bytes(sock: Any) -> int:
-    """Bytes the kernel has received on ``sock`` that nobody has read yet."""
-    count = array.array("i", [0])
-    try:
-        fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
-    except OSError:
-        return 0
-    return count[0]
-
-
-def set_keepalive(sock: Any, settings: ForwardSource) -> None:
-    if not settings.keepalive_idle:
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(settings.keepalive_idle)))
-    sock.setsockopt(
-        socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(settings.keepalive_interval))
-    )
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, settings.keepalive_probes)
-
 
 class ForwardConnection(asyncio.Protocol):
     def __init__(self, server: ForwardServer) -> None:
@@ -233,7 +203,7 @@ class ForwardConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and unread_bytes(sock):
             return  # more has arrived: the next read brings it, then we look again
-        self._reset("reset")
+        self._reset("reset")  # at once: a write the client makes now must fail
 
     def force_close(self) -> None:
         """No safe moment came in time (or the stop's drain is over): reset, counting what the
@@ -259,8 +229,7 @@ class ForwardConnection(asyncio.Protocol):
         assert transport is not None
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            with contextlib.suppress(OSError):  # closed by the peer already: nothing to reset
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            reset_now(sock)
         transport.abort()
         self._count_close(how)
 

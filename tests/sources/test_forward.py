@@ -20,7 +20,8 @@ from aggregator import metrics
 from aggregator.config.model import Config
 from aggregator.pipeline import Pipeline
 from aggregator.protocol import encode_message
-from aggregator.sources.forward import ForwardServer, unread_bytes
+from aggregator.sources.forward import ForwardServer
+from aggregator.sources.tcp import unread_bytes
 from benchmarks.docker_client import DockerLikeClient
 
 
