@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from aggregator.config.model import Inject
 from aggregator.formatting import Formatter, InvalidEvent
-from aggregator.protocol import EventTime
+from aggregator.protocol import ForwardDecoder, encode_packed_forward
 
 PLAIN = Formatter(Inject())
 
@@ -111,14 +111,16 @@ def test_encoded_lines_hold_about_their_own_size_in_memory() -> None:
 def test_a_line_comes_back_as_an_entry_that_formats_to_the_same_line(
     time_format: str, t: float, record: dict[str, object]
 ) -> None:
-    """What a hand-off relies on: a peer with the same inject writes the very same line, even
-    with the time sent as an EventTime (seconds + nanoseconds / 1e9 on the way back)."""
+    """What a hand-off relies on: the entry, sent as the hand-off sends it (CompressedPacked-
+    Forward) and decoded by a peer, is written by the same inject as the very same line."""
     inject = Inject.model_validate(
         {"tag_key": "tag", "time_key": "time", "time_format": time_format}
     )
     [line], _ = Formatter(inject).encode("app.web", [[t, dict(record)]])
-    when, again = Formatter(inject).entry_of(line)
-    wire = EventTime.from_float(when)
-    received = wire.seconds + wire.nanoseconds / 1e9
-    [same], _ = Formatter(inject).encode("app.web", [[received, again]])
+    entry = Formatter(inject).entry_of(line)
+    decoder = ForwardDecoder()
+    decoder.receive_data(encode_packed_forward("app.web", [entry], compressed=True))
+    message = decoder.next_message()
+    assert message is not None
+    [same], _ = Formatter(inject).encode(message.tag, message.entries)
     assert same == line

@@ -34,7 +34,7 @@ from aggregator.pipeline import Outcome, Pipeline
 from aggregator.protocol import Batch, ForwardDecoder, ProtocolError, encode_ack
 from aggregator.sources import Listener
 from aggregator.sources.connections import ConnectionSet
-from aggregator.sources.tcp import reset_now, set_keepalive, unread_bytes
+from aggregator.sources.tcp import reset_if_drained, reset_now, set_keepalive
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +201,10 @@ class ForwardConnection(asyncio.Protocol):
             self._count_close("fin")
             return
         sock = transport.get_extra_info("socket")
-        if sock is not None and unread_bytes(sock):
+        if sock is not None and not reset_if_drained(sock):
             return  # more has arrived: the next read brings it, then we look again
-        self._reset("reset")  # at once: a write the client makes now must fail
+        transport.abort()
+        self._count_close("reset")
 
     def force_close(self) -> None:
         """No safe moment came in time (or the stop's drain is over): reset, counting what the
@@ -222,16 +223,11 @@ class ForwardConnection(asyncio.Protocol):
                 extra={"source": self._server.settings.name, "peer": self._peer,
                        "bytes": self._decoder.pending_bytes, "cause": self._closing},
             )  # fmt: skip
-        self._reset("forced")
-
-    def _reset(self, how: str) -> None:
-        transport = self._transport
-        assert transport is not None
         sock = transport.get_extra_info("socket")
         if sock is not None:
             reset_now(sock)
         transport.abort()
-        self._count_close(how)
+        self._count_close("forced")
 
     def _count_close(self, how: str) -> None:
         metrics.CONNECTIONS_CLOSED.labels(self._server.settings.name, self._closing, how).inc()

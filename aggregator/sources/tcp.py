@@ -42,15 +42,34 @@ def unread_bytes(sock: Any) -> int:
     return count[0]
 
 
-def reset_now(sock: Any) -> None:
-    """Send RST now; the caller then aborts its transport, which closes the descriptor.
+def reset_if_drained(sock: Any) -> bool:
+    """Reset the connection (RST) now if nothing is waiting unread on it; False when something
+    is, and the socket is left as it was but for its linger setting.
 
     The event loop closes an aborted transport's descriptor only on a later turn, and a close
     with SO_LINGER 0 resets the connection only then: a client write arriving in between would
     be taken by the kernel and lost. On Linux, connect() with AF_UNSPEC disconnects a TCP socket
-    and resets an established connection at once, leaving the descriptor for the loop to
-    close. Where that is refused, the linger setting still makes the later close a reset.
+    and resets an established connection at once, leaving the descriptor for the loop to close;
+    the check and the reset are two system calls back to back. Where the disconnect is refused,
+    the linger setting still makes the later close a reset. The caller aborts the transport.
     """
+    _linger_reset(sock)
+    if unread_bytes(sock):
+        return False
+    _disconnect(sock)
+    return True
+
+
+def reset_now(sock: Any) -> None:
+    """Reset the connection (RST) now, whatever is waiting unread (see reset_if_drained)."""
+    _linger_reset(sock)
+    _disconnect(sock)
+
+
+def _linger_reset(sock: Any) -> None:
     with contextlib.suppress(OSError):  # reset by the peer already: nothing to do
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def _disconnect(sock: Any) -> None:
     _LIBC.connect(sock.fileno(), _AF_UNSPEC_ADDRESS, ctypes.sizeof(_AF_UNSPEC_ADDRESS))
