@@ -24,7 +24,7 @@ import orjson
 
 from aggregator.emulator import EmulatorThread
 from benchmarks.docker_client import DockerLikeClient
-from benchmarks.service import Service
+from benchmarks.service import Service, firehose_route, sources
 
 STREAM = "redeploy"
 
@@ -37,30 +37,11 @@ def _free_port() -> int:
 
 
 def config(forward_port: int, http_port: int, endpoint: str, max_age: str | None) -> str:
+    """Only keys that every version knows, unless ``max_age`` is asked for."""
     age = f'max_connection_age = "{max_age}"\n' if max_age else ""
-    return f"""\
-[[sources]]
-type = "forward"
-bind = "127.0.0.1"
-port = {forward_port}
-heartbeat = false
-{age}
-[[sources]]
-type = "http"
-bind = "127.0.0.1"
-port = {http_port}
-
-[[routes]]
-match = "**"
-destination = "fh"
-
-[destinations.fh]
-type = "firehose"
-delivery_stream = "{STREAM}"
-region = "us-east-1"
-endpoint_url = "{endpoint}"
-buffer = {{ flush_interval = "200ms" }}
-"""
+    return sources(forward_port, http_port, "heartbeat = false\n" + age) + "\n" + firehose_route(
+        endpoint, STREAM, 'buffer = { flush_interval = "200ms" }\n'
+    )
 
 
 @dataclass(frozen=True)

@@ -24,41 +24,43 @@ STREAM = "bench"
 READY = '"worker":"supervisor","message":"ready"'
 
 
-SOURCES = """\
+def sources(forward_port: int = 0, http_port: int = 0, forward_extra: str = "") -> str:
+    """Forward and HTTP inputs on 127.0.0.1; with ports 0, the supervisor's ready line says
+    which ports it got."""
+    return f"""\
 [[sources]]
 type = "forward"
 bind = "127.0.0.1"
-port = 0
-
+port = {forward_port}
+{forward_extra}
 [[sources]]
 type = "http"
 bind = "127.0.0.1"
-port = 0
+port = {http_port}
 """
-"""Forward and HTTP inputs on 127.0.0.1, ports 0: the supervisor's ready line says which ports
-it got."""
 
 
-def render_config(config: RunConfig, endpoint_url: str) -> str:
-    """The aggregator's TOML for a run: every event to one Firehose stream at ``endpoint_url``."""
+SOURCES = sources()
+
+
+def firehose_route(endpoint_url: str, stream: str = STREAM, settings: str = "") -> str:
+    """Every event to one Firehose destination ``fh``; ``settings``: more of its TOML lines."""
     return f"""\
-[server]
-workers = {config.workers}
-log_level = "info"
-drain_quiet_period = "200ms"
-drain_timeout = "5s"
-stop_timeout = "60s"
-
-{SOURCES}
 [[routes]]
 match = "**"
 destination = "fh"
 
 [destinations.fh]
 type = "firehose"
-delivery_stream = "{STREAM}"
+delivery_stream = "{stream}"
 region = "us-east-1"
 endpoint_url = "{endpoint_url}"
+{settings}"""
+
+
+def render_config(config: RunConfig, endpoint_url: str) -> str:
+    """The aggregator's TOML for a run: every event to one Firehose stream at ``endpoint_url``."""
+    settings = f"""\
 aggregate = {"true" if config.aggregate else "false"}
 request_timeout = "{request_timeout(config):g}s"
 
@@ -68,6 +70,16 @@ chunk_limit_size = "{config.chunk_limit}"
 total_limit_size = "{config.total_limit}"
 flush_thread_count = {config.flush_threads}
 """
+    return f"""\
+[server]
+workers = {config.workers}
+log_level = "info"
+drain_quiet_period = "200ms"
+drain_timeout = "5s"
+stop_timeout = "60s"
+
+{SOURCES}
+{firehose_route(endpoint_url, settings=settings)}"""
 
 
 def request_timeout(config: RunConfig) -> float:

@@ -60,6 +60,20 @@ def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(asyncio.wait_for(coro(), 10))
 
 
+def with_secondary(
+    script: Callable[[int, list[bytes]], WriteResult | None], **kw: Any
+) -> tuple[Buffer, ScriptedSink, Buffer, ScriptedSink]:
+    """A started buffer (``settings(**kw)``) on a scripted sink, and its started secondary:
+    ``buf, sink, secondary, dead``."""
+    dead = ScriptedSink()
+    secondary = Buffer("dead", settings(), dead)
+    sink = ScriptedSink(script)
+    buf = Buffer("t", settings(**kw), sink, secondary)
+    secondary.start()
+    buf.start()
+    return buf, sink, secondary, dead
+
+
 async def settle(buf: Buffer, sink: ScriptedSink, count: int, timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while len(sink.delivered) < count and time.monotonic() < deadline:
@@ -135,12 +149,7 @@ def test_refused_and_exhausted_lines_go_to_secondary() -> None:
             result.reject("record_too_large", [x for x in batch if x.startswith(b"00000002")])
             return result
 
-        dead = ScriptedSink()
-        secondary = Buffer("dead", settings(), dead)
-        sink = ScriptedSink(script)
-        buf = Buffer("t", settings(retry_max_times=2), sink, secondary)
-        secondary.start()
-        buf.start()
+        buf, sink, secondary, dead = with_secondary(script, retry_max_times=2)
         sent = lines(30)
         buf.append(sent, 300)
         await buf.close(time.monotonic() + 5)
@@ -231,12 +240,7 @@ def test_shutdown_deadline_hands_everything_on() -> None:
         def script(attempt: int, batch: list[bytes]) -> WriteResult:
             raise RetryableError("service_unavailable")
 
-        dead = ScriptedSink()
-        secondary = Buffer("dead", settings(), dead)
-        buf = Buffer("t", settings(retry_wait=0.05, retry_max_interval=0.1), ScriptedSink(script),
-                     secondary)  # fmt: skip
-        secondary.start()
-        buf.start()
+        buf, _, secondary, dead = with_secondary(script, retry_wait=0.05, retry_max_interval=0.1)
         buf.append(lines(25), 250)
         started = time.monotonic()
         await buf.close(started + 0.5)
@@ -304,12 +308,7 @@ def test_at_the_deadline_leftovers_come_back_by_tag_for_a_hand_off() -> None:
             # Half of every attempt is refused for now: the rest is delivered.
             return WriteResult(retry=batch[::2])
 
-        dead = ScriptedSink()
-        secondary = Buffer("dead", settings(), dead)
-        sink = ScriptedSink(script)
-        buf = Buffer("t", settings(chunk_limit_size=10_000), sink, secondary)
-        secondary.start()
-        buf.start()
+        buf, sink, secondary, dead = with_secondary(script, chunk_limit_size=10_000)
         buf.leftovers = []
         sent = {"a": lines(4), "b": lines(3, 4), "c": lines(5, 7)}
         buf.append(sent["a"][:2], 20, "a")
