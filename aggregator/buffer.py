@@ -236,11 +236,12 @@ class Buffer:
             return False
         chunk = self._ready.popleft()
         self._chunks -= 1
+        lines = chunk.lines if chunk.pending is None else chunk.pending
         log.warning(
             "buffer full: dropped the oldest chunk",
-            extra={"destination": self.name, "events": len(chunk.lines)},
+            extra={"destination": self.name, "events": len(lines)},
         )
-        self._drop(chunk.lines if chunk.pending is None else chunk.pending, "buffer_overflow")
+        self._drop(lines, "buffer_overflow")
         self._release(_memory(chunk))
         return True
 
@@ -278,8 +279,8 @@ class Buffer:
             self._wakeup.clear()
             now = self._clock()
             chunk = self._open
-            if chunk is not None and now - chunk.created >= interval:
-                self._seal()
+            if chunk is not None and (self._closing or now - chunk.created >= interval):
+                self._seal()  # while closing, lines appended since (a secondary's) go at once
             if self._deadline is not None and now >= self._deadline:
                 self._give_up_queued()
             while self._waiting and self._waiting[0][0] <= now:
@@ -290,7 +291,8 @@ class Buffer:
                 self._delivering[task] = chunk
                 task.add_done_callback(self._delivered)
             self._publish_state()
-            if self._closing and not (self._ready or self._waiting or self._delivering):
+            held = self._open or self._ready or self._waiting or self._delivering
+            if self._closing and not held:
                 return
             timeout = min(interval, STATE_PUBLISH_INTERVAL)
             if self._open is not None:

@@ -336,3 +336,22 @@ def test_tagged_groups_a_subset_of_a_chunks_lines_by_tag_in_order() -> None:
     ]  # fmt: skip
     subset = [chunk_lines[1], chunk_lines[4], chunk_lines[5]]
     assert tagged(chunk, subset) == [("a", subset[:1]), ("b", subset[1:2]), ("a", subset[2:])]
+
+
+def test_lines_appended_while_closing_are_delivered_before_close_returns() -> None:
+    """As a secondary gets lines from its primary while both stop."""
+
+    async def main() -> None:
+        sink = ScriptedSink()
+        sink.gate.clear()
+        buf = Buffer("t", settings(flush_interval=30), sink)
+        buf.start()
+        buf.append(lines(5), 50)
+        closing = asyncio.create_task(buf.close(time.monotonic() + 5))
+        await asyncio.sleep(0.05)  # the first chunk is in an attempt, held at the gate
+        buf.append(lines(5, 5), 50)
+        sink.gate.set()
+        await closing
+        assert sorted(sink.delivered) == lines(10)
+
+    run(main)

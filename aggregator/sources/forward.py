@@ -44,6 +44,7 @@ HEARTBEAT_REPLY = b"\x00"
 FAIR_READ_BYTES = 64 * 1024
 """A read at least this big suggests more is waiting: the connection yields the loop."""
 
+
 class ForwardConnection(asyncio.Protocol):
     def __init__(self, server: ForwardServer) -> None:
         self._server = server
