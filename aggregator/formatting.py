@@ -2,8 +2,9 @@
 
 This is the one per-event step of the hot path, so the common case is a single list
 comprehension around ``orjson.dumps``; anything unusual (a record that is not a map, strings
-that are not valid UTF-8, bytes values) falls back to a slower path that repairs or refuses the
-message as a whole.
+that are not valid UTF-8, bytes values or keys) falls back to a slower path that takes the
+entries one by one: it repairs what can be repaired and leaves out, and counts, an entry that
+cannot be encoded, so that one bad event never costs its neighbours.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import calendar
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import orjson
@@ -22,9 +23,19 @@ _OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
 class InvalidEvent(ValueError):
-    """An entry is not ``[time, record]`` with a map for a record."""
+    """An entry that cannot be encoded: not ``[time, record]``, a record that is not a map, a
+    time that is not a date, a record nested deeper than JSON encoding allows."""
 
     reason = "bad_event"
+
+
+class Encoded(NamedTuple):
+    lines: list[bytes]
+    nbytes: int
+    invalid: int = 0
+    """Entries left out because they cannot be encoded."""
+    error: str = ""
+    """Why the first of them could not be."""
 
 
 def _default(value: object) -> object:
@@ -39,7 +50,8 @@ def _default(value: object) -> object:
 
 
 def _scrub(value: Any) -> Any:
-    """The same value with every string made valid UTF-8 (bad bytes become U+FFFD)."""
+    """The same value with every string made valid UTF-8 (bad bytes become U+FFFD), and bytes
+    map keys made strings (msgpack has binary keys; JSON and Fluentd's Ruby do not)."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -47,18 +59,26 @@ def _scrub(value: Any) -> Any:
         except UnicodeEncodeError:
             return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if isinstance(value, dict):
-        return {_scrub(k): _scrub(v) for k, v in value.items()}
+        return {_scrub(_text_key(k)): _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     return value
+
+
+def _text_key(key: Any) -> Any:
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else key
 
 
 def _dumps(record: dict[Any, Any]) -> bytes:
     try:
         return orjson.dumps(record, default=_default, option=_OPTIONS)
     except orjson.JSONEncodeError:
-        # Surrogate-escaped bytes from the msgpack decoder: repair rather than lose the event.
+        pass
+    # Surrogate-escaped bytes from the msgpack decoder, binary keys: repair, not lose.
+    try:
         return orjson.dumps(_scrub(record), default=_default, option=_OPTIONS)
+    except (orjson.JSONEncodeError, RecursionError) as exc:  # nested past orjson's 254 levels
+        raise InvalidEvent(f"record cannot be encoded as JSON: {exc}") from None
 
 
 class _TimeFormat:
@@ -81,7 +101,10 @@ class _TimeFormat:
         return self._clock()
 
     def __call__(self, t: Any) -> object:
-        return self._time(t)
+        seconds = self._time(t)
+        if seconds - seconds != 0.0:  # NaN or infinite: no date (the other formats fail on int())
+            raise ValueError(f"{seconds} is not a number of seconds")
+        return seconds
 
     def parse(self, value: object) -> float | None:
         return float(value) if isinstance(value, int | float) else None
@@ -114,8 +137,9 @@ class _Iso8601(_TimeFormat):
             return self._text
         second = ms // 1000
         if second != self._second:
-            self._second = second
+            # gmtime raises for a time no calendar has: keep the cache as it was then.
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
         self._ms = ms
         self._text = f"{self._prefix}.{ms - second * 1000:03d}Z"
         return self._text
@@ -148,18 +172,28 @@ class Formatter:
         self._time_key = inject.time_key
         self._format_time = _TIME_FORMATS[inject.time_format](clock)
 
-    def encode(self, tag: str, entries: Sequence[Any]) -> tuple[list[bytes], int]:
-        """The lines for ``entries`` (``[[time, record], ...]``) and their total size.
-        Raises :class:`InvalidEvent` when any entry is malformed: then nothing is encoded."""
+    def encode(self, tag: str, entries: Sequence[Any], *, strict: bool = False) -> Encoded:
+        """The lines for ``entries`` (``[[time, record], ...]``) and their total size. An entry
+        that cannot be encoded is left out and counted; with ``strict``, it raises
+        :class:`InvalidEvent` instead, and nothing is encoded."""
+        invalid, error = 0, ""
         try:
             lines = self._encode_fast(tag, entries)
-        except (orjson.JSONEncodeError, ValueError, TypeError):
-            lines = [self._encode_checked(tag, entry) for entry in entries]
+        except (orjson.JSONEncodeError, ValueError, TypeError, OverflowError, OSError):
+            lines = []
+            for entry in entries:
+                try:
+                    lines.append(self._encode_checked(tag, entry))
+                except InvalidEvent as exc:
+                    if strict:
+                        raise
+                    invalid += 1
+                    error = error or str(exc)
         # orjson returns each result in a 4 KiB allocation: kept in a buffer, a 300-byte event
         # would hold 4 KiB of memory. One join and one split (both in C; orjson escapes every
         # newline inside strings) give exact-size copies and free orjson's at once.
         data = b"".join(lines)
-        return data.splitlines(keepends=True), len(data)
+        return Encoded(data.splitlines(keepends=True), len(data), invalid, error)
 
     def entry_of(self, line: bytes) -> list[Any]:
         """A line this formatter wrote, back as a ``[time, record]`` entry that it would encode
@@ -212,7 +246,10 @@ class Formatter:
         if self._tag_key is not None:
             record[self._tag_key] = tag
         if self._time_key is not None:
-            record[self._time_key] = self._format_time(t)
+            try:
+                record[self._time_key] = self._format_time(t)
+            except (ValueError, OverflowError, OSError) as exc:  # NaN, or past any calendar
+                raise InvalidEvent(f"time {t!r} is not a date: {exc}") from None
         return _dumps(record)
 
 

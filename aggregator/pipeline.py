@@ -17,7 +17,7 @@ from aggregator import metrics
 from aggregator.buffer import Admission, Buffer
 from aggregator.config.model import Config
 from aggregator.delivery import SHUTDOWN_DEADLINE
-from aggregator.formatting import Formatter
+from aggregator.formatting import Formatter, InvalidEvent
 from aggregator.handoff import MESSAGE_EVENTS, Parcel, hand_off
 from aggregator.logs import Throttle
 from aggregator.routing import Router
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 UNMATCHED_WARNING_INTERVAL = 10.0
 """Seconds between two warnings about tags that match no route."""
+INVALID_WARNING_INTERVAL = 10.0
+"""Seconds between two warnings about events left out because they cannot be encoded."""
 
 
 class Outcome(enum.Enum):
@@ -58,15 +60,19 @@ class Pipeline:
             [(route.match, self.destinations[route.destination]) for route in config.routes]
         )
         self._unmatched_warning = Throttle(UNMATCHED_WARNING_INTERVAL)
+        self._invalid_warning = Throttle(INVALID_WARNING_INTERVAL)
 
     async def start(self) -> None:
         for dest in self.destinations.values():
             await dest.buffer.sink.start()
             dest.buffer.start()
 
-    def dispatch(self, tag: str, entries: Sequence[Any]) -> Outcome:
-        """Route and buffer one message. Raises formatting.InvalidEvent for malformed entries
-        (then nothing of the message was buffered)."""
+    def dispatch(
+        self, tag: str, entries: Sequence[Any], source: str, *, strict: bool = False
+    ) -> Outcome:
+        """Route and buffer one message from ``source``. An entry that cannot be encoded is left
+        out, counted and warned about, and the rest is buffered; with ``strict``, it raises
+        formatting.InvalidEvent instead, and nothing of the message is buffered."""
         dest = self.router.route(tag)
         if dest is None:
             self._unmatched(tag, len(entries))
@@ -78,8 +84,11 @@ class Pipeline:
         if admission is Admission.REJECTED:
             metrics.DROPPED_EVENTS.labels(dest.name, "buffer_full").inc(len(entries))
             return Outcome.REJECTED
-        lines, nbytes = dest.formatter.encode(tag, entries)
-        buffer.append(lines, nbytes, tag)
+        encoded = dest.formatter.encode(tag, entries, strict=strict)
+        if encoded.invalid:
+            self._invalid(source, tag, encoded.invalid, encoded.error)
+        if encoded.lines:
+            buffer.append(encoded.lines, encoded.nbytes, tag)
         return Outcome.ACCEPTED
 
     async def wait_for_room(self, tag: str) -> None:
@@ -136,6 +145,14 @@ class Pipeline:
                 dest.buffer.handed_off += len(lines)
             else:
                 dest.buffer.hand_on(lines, SHUTDOWN_DEADLINE)
+
+    def _invalid(self, source: str, tag: str, events: int, error: str) -> None:
+        metrics.INPUT_ERRORS.labels(source, InvalidEvent.reason).inc(events)
+        if due := self._invalid_warning.hit(events):
+            log.warning(
+                "events left out: they cannot be encoded",
+                extra={"source": source, "tag": tag, "events": due, "error": error[:200]},
+            )
 
     def _unmatched(self, tag: str, events: int) -> None:
         metrics.UNMATCHED_EVENTS.inc(events)

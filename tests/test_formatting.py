@@ -23,14 +23,14 @@ def decode(lines: list[bytes]) -> list[Any]:
 
 
 def test_plain_records_and_total_size() -> None:
-    lines, nbytes = PLAIN.encode("t", [[1, {"log": "a"}], [2, {"log": "b", "n": 3}]])
+    lines, nbytes, *_ = PLAIN.encode("t", [[1, {"log": "a"}], [2, {"log": "b", "n": 3}]])
     assert decode(lines) == [{"log": "a"}, {"log": "b", "n": 3}]
     assert nbytes == sum(map(len, lines))
 
 
 def test_inject_tag_and_iso_time() -> None:
     fmt = Formatter(Inject(tag_key="tag", time_key="time"))
-    lines, _ = fmt.encode("app.web", [[1700000000.25, {"log": "x"}], [1700000001, {"log": "y"}]])
+    lines, *_ = fmt.encode("app.web", [[1700000000.25, {"log": "x"}], [1700000001, {"log": "y"}]])
     assert decode(lines) == [
         {"log": "x", "tag": "app.web", "time": "2023-11-14T22:13:20.250Z"},
         {"log": "y", "tag": "app.web", "time": "2023-11-14T22:13:21.000Z"},
@@ -41,13 +41,13 @@ def test_inject_tag_and_iso_time() -> None:
     ("fmt", "expected"), [("epoch", 1700000000.5), ("epoch_ms", 1700000000500)]
 )
 def test_epoch_formats(fmt: Any, expected: float) -> None:
-    lines, _ = Formatter(Inject(time_key="ts", time_format=fmt)).encode("t", [[1700000000.5, {}]])
+    lines, *_ = Formatter(Inject(time_key="ts", time_format=fmt)).encode("t", [[1700000000.5, {}]])
     assert decode(lines) == [{"ts": expected}]
 
 
 def test_missing_or_zero_time_means_now() -> None:
     fmt = Formatter(Inject(time_key="ts", time_format="epoch"), clock=lambda: 42.0)
-    lines, _ = fmt.encode("t", [[0, {}], [None, {}], ["junk", {}]])
+    lines, *_ = fmt.encode("t", [[0, {}], [None, {}], ["junk", {}]])
     assert decode(lines) == [{"ts": 42.0}] * 3
 
 
@@ -56,32 +56,71 @@ def test_invalid_utf8_is_replaced_not_dropped() -> None:
     raw = b"\x81\xa3log\xa4ab\xff\xfe"
     record = msgpack.unpackb(raw, raw=False, unicode_errors="surrogateescape")
     for fmt in (PLAIN, Formatter(Inject(tag_key="tag"))):
-        lines, _ = fmt.encode("t", [[1, dict(record)]])
+        lines, *_ = fmt.encode("t", [[1, dict(record)]])
         assert decode(lines)[0]["log"] == "ab\ufffd\ufffd"
 
 
 def test_bytes_and_ext_values_are_encoded() -> None:
-    lines, _ = PLAIN.encode("t", [[1, {"b": b"hi\xff", "e": msgpack.ExtType(5, b"\x01")}]])
+    lines, *_ = PLAIN.encode("t", [[1, {"b": b"hi\xff", "e": msgpack.ExtType(5, b"\x01")}]])
     assert decode(lines) == [{"b": "hi\ufffd", "e": {"ext_type": 5, "data": "01"}}]
 
 
 def test_non_string_keys() -> None:
-    lines, _ = PLAIN.encode("t", [[1, {1: "one"}]])
+    lines, *_ = PLAIN.encode("t", [[1, {1: "one"}]])
     assert decode(lines) == [{"1": "one"}]
 
 
-@pytest.mark.parametrize(
-    "entries",
-    [[[1, "not a map"]], [[1]], ["flat"], [[1, {"ok": 1}], [1, [1, 2]]], [None]],
-)
-def test_malformed_entries_refuse_the_message(entries: Any) -> None:
+BAD_ENTRIES = [[1, "not a map"], [1], "flat", [1, [1, 2]], None]
+
+
+@pytest.mark.parametrize("bad", BAD_ENTRIES)
+def test_a_malformed_entry_is_left_out_and_counted_its_neighbours_kept(bad: Any) -> None:
     for fmt in (PLAIN, Formatter(Inject(tag_key="tag", time_key="time"))):
-        with pytest.raises(InvalidEvent):
-            fmt.encode("t", entries)
+        encoded = fmt.encode("t", [[1, {"n": 1}], bad, [2, {"n": 2}]])
+        assert [e["n"] for e in decode(encoded.lines)] == [1, 2]
+        assert encoded.invalid == 1 and encoded.error
+        with pytest.raises(InvalidEvent):  # strict: all or nothing
+            fmt.encode("t", [[1, {"n": 1}], bad], strict=True)
+
+
+def deep(levels: int) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for _ in range(levels):
+        record = {"d": record}
+    return record
+
+
+@pytest.mark.parametrize("time_format", ["iso8601", "epoch", "epoch_ms"])
+def test_unencodable_events_are_left_out_and_counted(time_format: str) -> None:
+    """The issue's case: a NaN time, a time past any calendar, nesting deeper than JSON
+    encoding allows, among good events in one message."""
+    inject = Inject.model_validate({"time_key": "time", "time_format": time_format})
+    good = [[1700000000 + i, {"i": i}] for i in range(200)]
+    more = [[1700000300 + i, {"i": 300 + i}] for i in range(50)]
+    bad = [[float("nan"), {"i": -1}], [1e300, {"i": -2}], [1700000000, deep(300)]]
+    encoded = Formatter(inject).encode("app", [*good, *bad, *more])
+    # A number of seconds needs no calendar: only the date formats refuse 1e300.
+    kept = [-2] if time_format == "epoch" else []
+    assert [e["i"] for e in decode(encoded.lines)] == [*range(200), *kept, *range(300, 350)]
+    assert encoded.invalid == 3 - len(kept)
+    assert encoded.nbytes == sum(map(len, encoded.lines))
+
+
+def test_binary_map_keys_become_strings() -> None:
+    encoded = PLAIN.encode("t", [[1, {b"bin": 1, "s": {b"inner\xff": 2}}]])
+    assert decode(encoded.lines) == [{"bin": 1, "s": {"inner\ufffd": 2}}] and not encoded.invalid
+
+
+def test_a_bad_time_does_not_reuse_the_previous_events_date() -> None:
+    fmt = Formatter(Inject(time_key="time"))
+    assert decode(fmt.encode("t", [[1700000000.0, {}]]).lines)[0]["time"].startswith("2023-11")
+    out = fmt.encode("t", [[1e300, {}], [1700000000.0 + 86400 * 30, {}]])
+    assert out.invalid == 1
+    assert decode(out.lines)[0]["time"].startswith("2023-12")
 
 
 def test_extra_entry_elements_are_ignored() -> None:
-    lines, _ = PLAIN.encode("t", [[1, {"a": 1}, "extra"]])
+    lines, *_ = PLAIN.encode("t", [[1, {"a": 1}, "extra"]])
     assert decode(lines) == [{"a": 1}]
 
 
@@ -97,7 +136,7 @@ def test_encoded_lines_hold_about_their_own_size_in_memory() -> None:
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    data = sum(nbytes for _, nbytes in kept)
+    data = sum(encoded.nbytes for encoded in kept)
     assert held < data * 1.6, f"{held} bytes held for {data} bytes of events"
 
 
@@ -116,11 +155,11 @@ def test_a_line_comes_back_as_an_entry_that_formats_to_the_same_line(
     inject = Inject.model_validate(
         {"tag_key": "tag", "time_key": "time", "time_format": time_format}
     )
-    [line], _ = Formatter(inject).encode("app.web", [[t, dict(record)]])
+    [line], *_ = Formatter(inject).encode("app.web", [[t, dict(record)]])
     entry = Formatter(inject).entry_of(line)
     decoder = ForwardDecoder()
     decoder.receive_data(encode_packed_forward("app.web", [entry], compressed=True))
     message = decoder.next_message()
     assert message is not None
-    [same], _ = Formatter(inject).encode(message.tag, message.entries)
+    [same], *_ = Formatter(inject).encode(message.tag, message.entries)
     assert same == line

@@ -29,7 +29,6 @@ from typing import Any, cast
 
 from aggregator import metrics
 from aggregator.config.model import ForwardSource, Server
-from aggregator.formatting import InvalidEvent
 from aggregator.pipeline import Outcome, Pipeline
 from aggregator.protocol import Batch, ForwardDecoder, ProtocolError, encode_ack
 from aggregator.sources import Listener
@@ -130,11 +129,7 @@ class ForwardConnection(asyncio.Protocol):
                     return
                 if batch is None:
                     return
-            try:
-                outcome = self._pipeline.dispatch(batch.tag, batch.entries)
-            except InvalidEvent as exc:
-                self._refuse(exc.reason, str(exc))
-                return
+            outcome = self._pipeline.dispatch(batch.tag, batch.entries, self._server.settings.name)
             if outcome is Outcome.BLOCKED:
                 self._pending = batch
                 transport.pause_reading()
@@ -151,10 +146,16 @@ class ForwardConnection(asyncio.Protocol):
 
     async def _resume_when_room(self, tag: str) -> None:
         await self._pipeline.wait_for_room(tag)
-        if self._transport is None or self._transport.is_closing():
+        transport = self._transport
+        if transport is None or transport.is_closing():
             return
-        self._transport.resume_reading()
-        self._process()
+        transport.resume_reading()
+        try:
+            self._process()
+        except Exception:  # a bug: never leave the connection reading into a growing backlog
+            log.exception("closing connection: failed to resume", extra={"peer": self._peer})
+            transport.abort()
+            return
         if self._closing is not None:
             self._close_if_safe()
 

@@ -12,6 +12,7 @@ Reserved paths: ``GET /api/health``, ``POST /api/flush``, ``GET /metrics``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +69,8 @@ def _event_time(raw: str | None, clock: Callable[[], float]) -> float:
         t = float(raw)
     except ValueError as exc:
         raise BadRequest(f"time must be a number of seconds: {raw!r}") from exc
+    if not math.isfinite(t):
+        raise BadRequest(f"time must be a finite number of seconds: {raw!r}")
     return t or clock()
 
 
@@ -196,7 +199,8 @@ class HttpServer:
             return _text(200)
         while True:
             try:
-                outcome = self.pipeline.dispatch(tag, entries)
+                # All or nothing, as in_http: a 400 must mean that none was taken.
+                outcome = self.pipeline.dispatch(tag, entries, self.settings.name, strict=True)
             except InvalidEvent as exc:
                 metrics.INPUT_ERRORS.labels(self.settings.name, exc.reason).inc()
                 return _bad_request(str(exc))

@@ -137,7 +137,6 @@ def test_bad_input_closes_only_that_connection(agg: Aggregator) -> None:
         "not_msgpack": b"\xc1\xc1\xc1\xc1",
         "bad_shape": msgpack.packb({"not": "an array"}),
         "bad_tag": msgpack.packb([42, 1700000000, {"a": 1}]),
-        "bad_event": msgpack.packb(["t", [[1700000000, "not a map"]]]),
     }
     for reason, payload in cases.items():
         with agg.connect() as bad:
@@ -154,6 +153,36 @@ def test_bad_input_closes_only_that_connection(agg: Aggregator) -> None:
     events = events_of(agg, 2)
     assert sorted(e["i"] for e in events if e["tag"] == "good") == [0, 1]
     assert not any(e["tag"] == "t" for e in events)
+
+
+def nested(levels: int) -> dict[str, object]:
+    record: dict[str, object] = {"i": -3}
+    for _ in range(levels):
+        record = {"d": record}
+    return record
+
+
+def test_one_bad_event_costs_only_itself(agg: Aggregator) -> None:
+    """200 good Message-mode events, a NaN time, a record that is not a map, one nested past
+    JSON's limit, a binary key, then 50 good: in one write, the last one asking for an ack."""
+    good = [encode_message("app", 1700000000, {"i": i}) for i in range(200)]
+    bad = [
+        encode_message("app", float("nan"), {"i": -1}),
+        msgpack.packb(["app", 1700000000, "not a map"]),
+        encode_message("app", 1700000000, nested(300)),
+    ]
+    binary_key = msgpack.packb(["app", 1700000000, {b"i": 1000}], use_bin_type=True)
+    more = [encode_message("app", 1700000000, {"i": i}) for i in range(300, 349)]
+    chunk = new_chunk_id()
+    last = encode_message("app", 1700000000, {"i": 349}, chunk=chunk)
+    with agg.connect() as sock:
+        sock.sendall(b"".join([*good, *bad, binary_key, *more, last]))
+        assert recv_ack(sock) == chunk  # the connection carries on
+    events = events_of(agg, 251)
+    assert sorted(e["i"] for e in events) == [*range(200), *range(300, 350), 1000]
+    assert agg.metric("aggregator_input_errors_total", reason="bad_event") == 3
+    assert [e for e in agg.logs() if e["message"] == "events left out: they cannot be encoded"]
+    assert not [e for e in agg.logs() if "Traceback" in str(e) or e["level"] == "raw"]
 
 
 def test_message_over_the_size_limit(start_aggregator: StartAggregator) -> None:

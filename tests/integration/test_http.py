@@ -97,6 +97,8 @@ def test_in_http_request_forms(agg: Aggregator) -> None:
         ("/app", None, None),
         ("/", b'{"a": 1}', "application/json"),
         ("/app?time=soon&json=%7B%7D", None, None),
+        ("/app?time=nan&json=%7B%7D", None, None),
+        ("/app", b'{"d":' * 300 + b"{}" + b"}" * 300, "application/json"),
     ],
 )
 def test_bad_requests_get_400_with_a_reason(

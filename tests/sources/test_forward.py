@@ -13,11 +13,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgpack
+import orjson
 import pytest
 import uvloop
 
 from aggregator import metrics
 from aggregator.config.model import Config
+from aggregator.emulator import EmulatorThread
 from aggregator.pipeline import Pipeline
 from aggregator.protocol import encode_message
 from aggregator.sources.forward import ForwardServer
@@ -218,5 +220,44 @@ def test_what_the_socket_holds_is_read_before_the_reset() -> None:
                 transport.resume_reading()
                 await until(lambda: len(server.connections) == 0)
                 assert buffered(server) == 512
+
+    run(main)
+
+
+def test_an_unencodable_event_while_blocked_on_a_full_buffer_costs_only_itself() -> None:
+    """The wedge of issue 8: the connection waits for buffer room with a batch pending, and the
+    batch holds an event that cannot be encoded."""
+
+    async def main() -> None:
+        with EmulatorThread() as firehose:
+            firehose.stall()
+            cfg = Config.model_validate({
+                "sources": [{"type": "forward", "bind": "127.0.0.1", "port": 0}],
+                "routes": [{"match": "**", "destination": "fh"}],
+                "destinations": {"fh": {
+                    "type": "firehose", "delivery_stream": "s", "region": "us-east-1",
+                    "endpoint_url": firehose.endpoint_url,
+                    "buffer": {"chunk_limit_size": "4KiB", "total_limit_size": "8KiB"}}},
+            })  # fmt: skip
+            async with serve(cfg) as server:
+                deep: dict[str, Any] = {}
+                for _ in range(300):
+                    deep = {"d": deep}
+                filler = [encode_message("app", 1700000000, {"i": i, "pad": "x" * 200})
+                          for i in range(100)]  # fmt: skip
+                chunk = "last"
+                with socket.create_connection(("127.0.0.1", server.port)) as client:
+                    client.sendall(b"".join(filler))
+                    await until(lambda: not server.pipeline.destinations["fh"].buffer.has_room())
+                    client.sendall(encode_message("app", 1700000000, deep)
+                                   + encode_message("app", 1700000000, {"i": 100}, chunk=chunk))
+                    await asyncio.sleep(0.2)
+                    firehose.resume()
+                    client.settimeout(10)
+                    reply = await asyncio.to_thread(client.recv, 100)
+                    assert msgpack.unpackb(reply) == {"ack": chunk}
+                await until(lambda: len(firehose.lines("s")) >= 101, timeout=10)
+                delivered = sorted(orjson.loads(line)["i"] for line in firehose.lines("s"))
+                assert delivered == list(range(101))
 
     run(main)
