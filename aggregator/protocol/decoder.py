@@ -297,28 +297,43 @@ def _payload_bytes(payload: bytes | str, option: dict[Any, Any] | None, max_size
     raise ProtocolError("bad_compression", f"unknown compressed={compressed!r}")
 
 
+_GZIP_FIRST_FEED = 64
+_GZIP_MAX_FEED = 64 * 1024
+
+
 def gunzip(data: bytes, limit: int) -> bytes:
     """Decompress one or more concatenated gzip members, refusing output beyond ``limit``.
 
     Fluentd compresses each buffer chunk append separately, so a payload is often several
     members; the cap stops a small payload from expanding without bound (a gzip bomb).
+
+    Time stays linear in the payload: zlib copies out what follows the end of a member
+    (``unused_data``), so each member is fed a window that starts small and doubles, never
+    the whole rest of the payload (which made a payload of many tiny members quadratic).
     """
     parts: list[bytes] = []
     total = 0
-    while data:
+    view = memoryview(data)
+    pos = 0
+    while pos < len(data):
         member = zlib.decompressobj(wbits=_GZIP_WBITS)
-        try:
-            # one byte over the remaining room is enough to know the limit is exceeded
-            out = member.decompress(data, limit - total + 1)
-        except zlib.error as exc:
-            raise ProtocolError("bad_compression", f"gzip: {exc}") from exc
-        total += len(out)
-        if total > limit:
-            raise ProtocolError("message_too_large", f"gzip payload inflates past {limit} bytes")
-        if not member.eof:
-            raise ProtocolError("bad_compression", "gzip: truncated member")
-        parts.append(out)
-        data = member.unused_data
+        feed = _GZIP_FIRST_FEED
+        while not member.eof:
+            if pos >= len(data):
+                raise ProtocolError("bad_compression", "gzip: truncated member")
+            window = view[pos : pos + feed]
+            try:
+                # one byte over the remaining room is enough to know the limit is exceeded
+                out = member.decompress(window, limit - total + 1)
+            except zlib.error as exc:
+                raise ProtocolError("bad_compression", f"gzip: {exc}") from exc
+            total += len(out)
+            if total > limit:
+                raise ProtocolError("message_too_large", f"gzip inflates past {limit} bytes")
+            if out:
+                parts.append(out)
+            pos += len(window) - len(member.unused_data)
+            feed = min(feed * 2, _GZIP_MAX_FEED)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 

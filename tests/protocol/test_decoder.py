@@ -24,7 +24,7 @@ from aggregator.protocol import (
     encode_packed_forward,
     pack_entries,
 )
-from aggregator.protocol.decoder import INITIAL_BUFFER_SIZE
+from aggregator.protocol.decoder import INITIAL_BUFFER_SIZE, gunzip
 
 # --- helpers and strategies -------------------------------------------------------------------
 
@@ -568,3 +568,26 @@ def test_bad_input_after_a_batch_is_raised_by_the_next_call() -> None:
     with pytest.raises(ProtocolError) as info:
         decoder.next_batch()
     assert info.value.reason == "not_msgpack"
+
+
+def test_many_tiny_gzip_members_never_copy_the_rest_of_the_payload() -> None:
+    """Issue 8: 4 MiB of empty 20-byte members took seconds per MiB because every member left
+    the whole rest of the payload to be copied; its peak allocation shows that copy."""
+    member = gzip.compress(b"", mtime=0)
+    payload = member * (4 * 1024 * 1024 // len(member)) + gzip.compress(b"tail", mtime=0)
+    tracemalloc.start()
+    try:
+        assert gunzip(payload, 1024) == b"tail"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024, f"peak {peak} bytes: the rest of the payload was copied"
+
+
+@pytest.mark.parametrize("sizes", [[0], [1], [100_000, 0, 5], [3] * 50, [70_000, 200_000]])
+def test_gzip_members_of_any_size_decode_to_their_concatenation(sizes: list[int]) -> None:
+    chunks = [bytes([65 + i % 26]) * n for i, n in enumerate(sizes)]
+    payload = b"".join(gzip.compress(c, mtime=0) for c in chunks)
+    assert gunzip(payload, 10**7) == b"".join(chunks)
+    with pytest.raises(ProtocolError, match="truncated"):
+        gunzip(payload[:-3], 10**7)
