@@ -42,6 +42,33 @@ HEARTBEAT_REPLY = b"\x00"
 
 FAIR_READ_BYTES = 64 * 1024
 """A read at least this big suggests more is waiting: the connection yields the loop."""
+ACK_HIGH_WATER = 64 * 1024
+"""Unsent acks (about 30 bytes each) above which reading stops: a client that never reads its
+acks must not grow our write buffer without bound."""
+
+
+class FlowControl:
+    """Why a connection's reading is paused. Any reason pauses it; it resumes when none is
+    left: a destination's full buffer, a yield after a big read, acks the client does not read.
+    """
+
+    __slots__ = ("_reasons", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._reasons: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        if not self._reasons:
+            self._transport.pause_reading()
+        self._reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason not in self._reasons:
+            return
+        self._reasons.discard(reason)
+        if not self._reasons and not self._transport.is_closing():
+            self._transport.resume_reading()
 
 
 class ForwardConnection(asyncio.Protocol):
@@ -50,6 +77,7 @@ class ForwardConnection(asyncio.Protocol):
         self._pipeline = server.pipeline
         self._decoder = ForwardDecoder(server.settings.message_length_limit)
         self._transport: asyncio.Transport | None = None
+        self._flow: FlowControl | None = None
         self._pending: Batch | None = None  # the batch waiting for buffer room
         self._waiting: asyncio.Task[None] | None = None  # held: the loop keeps weak references
         self._peer = "?"
@@ -65,6 +93,8 @@ class ForwardConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._transport.set_write_buffer_limits(high=ACK_HIGH_WATER)
+        self._flow = FlowControl(self._transport)
         peer = self._transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         settings = self._server.settings
@@ -98,18 +128,21 @@ class ForwardConnection(asyncio.Protocol):
             self._process()
         if self._closing is not None:
             self._close_if_safe()
-        transport = self._transport
-        if len(data) >= FAIR_READ_BYTES and self._pending is None and transport is not None:
+        flow = self._flow
+        if len(data) >= FAIR_READ_BYTES and flow is not None and self._transport is not None:
             # libuv keeps reading a busy socket (up to 32 reads) before anything else runs: a
             # few fast senders would starve deliveries and /api/health for seconds. After a
             # big read, step aside until the next loop iteration.
-            transport.pause_reading()
-            asyncio.get_running_loop().call_soon(self._resume_after_yield)
+            flow.pause("yield")
+            asyncio.get_running_loop().call_soon(flow.resume, "yield")
 
-    def _resume_after_yield(self) -> None:
-        transport = self._transport
-        if transport is not None and not transport.is_closing() and self._pending is None:
-            transport.resume_reading()
+    def pause_writing(self) -> None:
+        assert self._flow is not None
+        self._flow.pause("acks")
+
+    def resume_writing(self) -> None:
+        assert self._flow is not None
+        self._flow.resume("acks")
 
     def eof_received(self) -> bool | None:
         return None  # close our side too: a client that half-closes is done
@@ -118,8 +151,8 @@ class ForwardConnection(asyncio.Protocol):
 
     def _process(self) -> None:
         """Dispatch decoded batches until the decoder needs more bytes or a buffer blocks."""
-        transport = self._transport
-        while transport is not None and not transport.is_closing():
+        transport, flow = self._transport, self._flow
+        while transport is not None and flow is not None and not transport.is_closing():
             batch = self._pending
             if batch is None:
                 try:
@@ -132,7 +165,7 @@ class ForwardConnection(asyncio.Protocol):
             outcome = self._pipeline.dispatch(batch.tag, batch.entries, self._server.settings.name)
             if outcome is Outcome.BLOCKED:
                 self._pending = batch
-                transport.pause_reading()
+                flow.pause("buffer")
                 self._waiting = asyncio.get_running_loop().create_task(
                     self._resume_when_room(batch.tag)
                 )
@@ -146,10 +179,10 @@ class ForwardConnection(asyncio.Protocol):
 
     async def _resume_when_room(self, tag: str) -> None:
         await self._pipeline.wait_for_room(tag)
-        transport = self._transport
-        if transport is None or transport.is_closing():
+        transport, flow = self._transport, self._flow
+        if transport is None or flow is None or transport.is_closing():
             return
-        transport.resume_reading()
+        flow.resume("buffer")
         try:
             self._process()
         except Exception:  # a bug: never leave the connection reading into a growing backlog

@@ -22,7 +22,7 @@ from aggregator.config.model import Config
 from aggregator.emulator import EmulatorThread
 from aggregator.pipeline import Pipeline
 from aggregator.protocol import encode_message
-from aggregator.sources.forward import ForwardServer
+from aggregator.sources.forward import ACK_HIGH_WATER, ForwardServer
 from aggregator.sources.tcp import unread_bytes
 from benchmarks.docker_client import DockerLikeClient
 
@@ -261,3 +261,42 @@ def test_an_unencodable_event_while_blocked_on_a_full_buffer_costs_only_itself()
                 assert delivered == list(range(101))
 
     run(main)
+
+
+def test_acks_nobody_reads_stop_the_reading_not_grow_the_write_buffer() -> None:
+    """Issue 8: a client that asks for acks and never reads them. The kernel's buffers fill,
+    then our write buffer would grow by ~30 bytes per message without bound."""
+
+    async def main() -> None:
+        async with serve(config()) as server:
+            message = b"".join(message_with_chunk(i) for i in range(1000))
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills sooner
+                client.setblocking(False)
+                await until(lambda: len(server.connections) == 1)
+                [conn] = list(server.connections._connections)
+                transport = conn._transport
+                assert transport is not None
+                sent = 0
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    try:
+                        sent += client.send(message)  # until the client cannot send any more
+                    except BlockingIOError:
+                        await asyncio.sleep(0.2)
+                        try:
+                            sent += client.send(message)
+                        except BlockingIOError:
+                            break
+                    await asyncio.sleep(0)
+                assert time.monotonic() < deadline, "the sender was never stopped"
+                assert transport.get_write_buffer_size() < 2 * ACK_HIGH_WATER + 256 * 1024
+                events = buffered(server)
+                await asyncio.sleep(0.3)
+                assert buffered(server) == events  # reading stays paused
+
+    run(main)
+
+
+def message_with_chunk(i: int) -> bytes:
+    return encode_message("app", 1700000000, {"i": i}, chunk=f"c{i:08d}")
