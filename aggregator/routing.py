@@ -18,6 +18,9 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 CACHE_LIMIT = 10_000
+CACHED_TAG_MAX_LENGTH = 256
+"""Longer tags are routed but not cached: with CACHE_LIMIT this bounds the cache to a few MB
+(1,000 distinct 1 MiB tags from one sender pinned 1 GB). Docker's tags are under 80."""
 """Tags remembered; a sender inventing tags cannot grow memory past this."""
 
 
@@ -95,6 +98,8 @@ class Router(Generic[T]):
         except KeyError:
             pass
         target = next((t for regex, t in self._routes if regex.match(tag)), None)
+        if len(tag) > CACHED_TAG_MAX_LENGTH:
+            return target
         if len(self._cache) >= CACHE_LIMIT:
             self._cache.clear()
         self._cache[tag] = target

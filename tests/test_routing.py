@@ -78,3 +78,12 @@ def test_cache_is_bounded() -> None:
     for i in range(CACHE_LIMIT + 10):
         assert router.route(f"tag{i}") == "all"
     assert len(router._cache) <= CACHE_LIMIT
+
+
+def test_long_tags_are_routed_but_never_cached() -> None:
+    router = Router([("big.**", "big"), ("**", "all")])
+    for i in range(100):
+        assert router.route(f"big.{i}." + "x" * 1_000_000) == "big"
+        assert router.route(f"other.{i}." + "x" * 10_000) == "all"
+    assert router._cache == {}
+    assert router.route("docker." + "f" * 64) == "all" and len(router._cache) == 1

@@ -56,15 +56,18 @@ def buffered(server: ForwardServer) -> int:
     return server.pipeline.destinations["out"].buffer.buffered_events
 
 
-def closes(how: str, cause: str = "stop") -> float:
-    """aggregator_connections_closed_total{cause, how} in this process."""
+def metric(name: str, **labels: str) -> float:
+    """The sum of this process's samples called ``name`` whose labels include ``labels``."""
     return sum(
         sample.value
         for family in metrics.REGISTRY.collect()
         for sample in family.samples
-        if sample.name == "aggregator_connections_closed_total"
-        and sample.labels == {"source": "forward", "cause": cause, "how": how}
+        if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+def closes(how: str, cause: str = "stop") -> float:
+    return metric("aggregator_connections_closed_total", source="forward", cause=cause, how=how)
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -300,3 +303,23 @@ def test_acks_nobody_reads_stop_the_reading_not_grow_the_write_buffer() -> None:
 
 def message_with_chunk(i: int) -> bytes:
     return encode_message("app", 1700000000, {"i": i}, chunk=f"c{i:08d}")
+
+
+def test_bad_input_is_counted_every_time_and_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        async with serve(config()) as server:
+            before = metric("aggregator_input_errors_total", reason="not_msgpack")
+            for _ in range(200):
+                with socket.create_connection(("127.0.0.1", server.port)) as bad:
+                    bad.sendall(b"\xc1")
+                    bad.settimeout(5)
+                    assert await asyncio.to_thread(bad.recv, 10) == b""
+            after = metric("aggregator_input_errors_total", reason="not_msgpack")
+            assert after - before == 200
+
+    with caplog.at_level("WARNING", logger="aggregator.sources.forward"):
+        run(main)
+    lines = [r for r in caplog.records if r.getMessage() == "closing connection: bad input"]
+    assert len(lines) == 1
