@@ -163,3 +163,23 @@ def test_a_line_comes_back_as_an_entry_that_formats_to_the_same_line(
     assert message is not None
     [same], *_ = Formatter(inject).encode(message.tag, message.entries)
     assert same == line
+
+
+def test_a_huge_message_is_formatted_in_bounded_slices() -> None:
+    """Issue 8: each orjson result is a 4 KiB allocation, and a message of 100,000 tiny events
+    held all of them (410 MiB) until one join."""
+    import tracemalloc
+
+    entries = [[1, {"i": i}] for i in range(100_000)]
+    entries[50_000] = [1, "not a map"]
+    tracemalloc.start()
+    try:
+        encoded = Formatter(Inject(tag_key="tag")).encode("t", entries)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(encoded.lines) == 99_999 and encoded.invalid == 1
+    assert encoded.nbytes == sum(map(len, encoded.lines))
+    around = decode(encoded.lines[49_999:50_001])
+    assert around == [{"i": 49_999, "tag": "t"}, {"i": 50_001, "tag": "t"}]
+    assert peak < 32 * 1024 * 1024, f"peak {peak >> 20} MiB"
