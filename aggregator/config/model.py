@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from aggregator.config.units import parse_duration, parse_size
+from aggregator.protocol.decoder import DEFAULT_MAX_ENTRIES
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds; written as a number of seconds or a string such as "500ms", "1s", "2m"."""
@@ -43,6 +44,14 @@ class ForwardSource(Strict):
         32 * 1024 * 1024,
         description="Largest forward message accepted (Fluentd's in_forward has no limit unless "
         "chunk_size_limit is set). A larger one closes the connection and counts "
+        "aggregator_input_errors_total{reason=message_too_large}.",
+    )
+    message_entries_limit: int = Field(
+        DEFAULT_MAX_ENTRIES,
+        ge=1,
+        description="Most events in one forward message, and items in any array or map inside "
+        "it, checked before they are decoded (bytes alone do not bound memory: 32 MiB of "
+        "3-byte events decode to 1.6 GB). Over it: the connection is closed, "
         "aggregator_input_errors_total{reason=message_too_large}.",
     )
     heartbeat: bool = Field(True, description="Answer UDP heartbeats on the same port.")
@@ -80,6 +89,12 @@ class HttpSource(Strict):
     bind: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8888, ge=0, le=65535, description="TCP port; 0 = any.")
     body_size_limit: Size = Field(32 * 1024 * 1024, description="Largest request body accepted.")
+    body_entries_limit: int = Field(
+        DEFAULT_MAX_ENTRIES,
+        ge=1,
+        description="Most events in one request, and items in any msgpack array or map in it "
+        "(checked before they are decoded): over it, 400.",
+    )
 
 
 Source = Annotated[ForwardSource | HttpSource, Field(discriminator="type")]

@@ -14,6 +14,7 @@ HELO/PING/PONG handshake and in_forward's JSON mode are not handled here.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 from collections import deque
@@ -26,6 +27,10 @@ from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, Batch, Message, Prot
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 """The default limit on one message; a larger one closes the connection. (Fluentd's in_forward
 has no limit unless ``chunk_size_limit`` is set; 32 MiB is the size of its in_http bodies.)"""
+DEFAULT_MAX_ENTRIES = 1_000_000
+"""The default limit on the entries of one message, and on the items of any array or map in
+it. Bytes alone do not bound memory: `[0,{}]` is 3 bytes and about 150 decoded, so 32 MiB of
+them would be 1.6 GB. The limit is checked before the items are built."""
 DEFAULT_BATCH_ENTRIES = 256
 INITIAL_BUFFER_SIZE = 16 * 1024
 """The unpacker's buffer at first. It grows to hold a big read or message and never shrinks,
@@ -48,7 +53,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
     return msgpack.ExtType(code, data)
 
 
-def _new_unpacker(max_size: int) -> Any:
+def _new_unpacker(max_size: int, max_items: int = DEFAULT_MAX_ENTRIES) -> Any:
     # surrogateescape: no string ever fails to decode (records pass through as sent), and a
     # PackedForward payload sent as str can be turned back into its exact bytes.
     return msgpack.Unpacker(
@@ -57,6 +62,8 @@ def _new_unpacker(max_size: int) -> Any:
         strict_map_key=False,
         ext_hook=_ext_hook,
         max_buffer_size=max_size,
+        max_array_len=max_items,
+        max_map_len=max_items,
         # The buffer starts at read_size (msgpack's default: 1 MiB) and grows as needed; most
         # connections (a Docker host's driver) send small messages and never need much.
         read_size=min(max_size, INITIAL_BUFFER_SIZE),
@@ -77,10 +84,15 @@ class ForwardDecoder:
     resume later. After a :class:`ProtocolError` the decoder is dead: every call raises again.
     """
 
-    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
-        if max_message_size < 1:
-            raise ValueError("max_message_size must be positive")
+    def __init__(
+        self,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
+        if max_message_size < 1 or max_entries < 1:
+            raise ValueError("max_message_size and max_entries must be positive")
         self._max = max_message_size
+        self._max_entries = max_entries
         self._renew_unpacker()
         self._lookahead: Message | None = None  # decoded by next_batch, for the next batch
         # Bytes received but not yet given to the unpacker, which holds at most the limit.
@@ -90,7 +102,7 @@ class ForwardDecoder:
     def _renew_unpacker(self) -> None:
         """A new unpacker: at first, and to give back a grown buffer once nothing is pending
         (an idle connection would otherwise keep its biggest read's memory for good)."""
-        self._unpacker = _new_unpacker(self._max)
+        self._unpacker = _new_unpacker(self._max, self._max_entries)
         self._next = self._unpacker.__next__
         self._fed = 0  # offset, in this unpacker's stream, of the end of the bytes fed so far
         # Offset where the next message starts. Not unpacker.tell() itself: that also moves
@@ -132,7 +144,7 @@ class ForwardDecoder:
                 nbytes = end - self._start
                 self._start = end
                 if obj is not None:  # nil is a heartbeat
-                    return parse_message(obj, nbytes, self._max)
+                    return parse_message(obj, nbytes, self._max, self._max_entries)
         except ProtocolError as exc:
             self._error = exc
             raise
@@ -217,7 +229,12 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def parse_message(obj: Any, nbytes: int, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Message:
+def parse_message(
+    obj: Any,
+    nbytes: int,
+    max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> Message:
     """Turn one decoded top-level msgpack object into a :class:`Message` (any mode)."""
     if type(obj) is not list or not 2 <= len(obj) <= 4:
         raise ProtocolError("bad_shape", f"expected an array of 2 to 4 items, got {_kind(obj)}")
@@ -230,7 +247,7 @@ def parse_message(obj: Any, nbytes: int, max_size: int = DEFAULT_MAX_MESSAGE_SIZ
     if kind is bytes or kind is str:
         _check_length(obj, 2, 3, "PackedForward")
         option = _option(obj, 2)
-        entries = _unpack_entries(_payload_bytes(second, option, max_size))
+        entries = _unpack_entries(_payload_bytes(second, option, max_size), max_entries)
         return Message(tag, entries, _parse_chunk(option), nbytes)
     # bool is an int subclass, hence the exact type tests; an EventTime is a float by now
     if kind is int or kind is float:
@@ -337,22 +354,32 @@ def gunzip(data: bytes, limit: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _unpack_entries(payload: bytes) -> list[list[Any]]:
-    """Decode a PackedForward payload: a stream of msgpack ``[time, record]`` entries."""
+def _unpack_entries(payload: bytes, max_entries: int = DEFAULT_MAX_ENTRIES) -> list[list[Any]]:
+    """Decode a PackedForward payload: a stream of msgpack ``[time, record]`` entries, at most
+    ``max_entries`` of them."""
     if not payload:
         return []
     # A fresh unpacker sized to this payload: a per-connection one would keep its largest
     # buffer (up to the size limit) alive for the connection's whole life.
-    unpacker = _new_unpacker(len(payload) + len(_NIL))
+    unpacker = _new_unpacker(len(payload) + len(_NIL), max_entries)
     unpacker.feed(payload)
     try:
-        entries: list[list[Any]] = list(unpacker)
+        # islice keeps the loop in C and stops one past the limit, before building the rest.
+        entries: list[list[Any]] = list(itertools.islice(unpacker, max_entries + 1))
+        if len(entries) > max_entries:
+            raise ProtocolError(
+                "message_too_large", f"PackedForward payload has over {max_entries} entries"
+            )
         # tell() cannot show a cut last entry: it also counts the bytes of a partial object.
         # A nil appended after a clean end decodes as itself; after a partial object it is
         # swallowed into that object (a nil is one byte, so it can never be the partial one).
         unpacker.feed(_NIL)
         clean_end = next(unpacker, _NEED_DATA) is None
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
+        if _is_size_limit(exc):
+            raise ProtocolError("message_too_large", f"PackedForward entries: {exc}") from exc
+        raise ProtocolError("bad_shape", f"PackedForward entries: {_describe(exc)}") from exc
+    except TypeError as exc:
         raise ProtocolError("bad_shape", f"PackedForward entries: {_describe(exc)}") from exc
     if not clean_end:
         raise ProtocolError("bad_shape", "PackedForward entries: the last entry is cut short")

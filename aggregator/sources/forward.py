@@ -79,7 +79,9 @@ class ForwardConnection(asyncio.Protocol):
     def __init__(self, server: ForwardServer) -> None:
         self._server = server
         self._pipeline = server.pipeline
-        self._decoder = ForwardDecoder(server.settings.message_length_limit)
+        self._decoder = ForwardDecoder(
+            server.settings.message_length_limit, server.settings.message_entries_limit
+        )
         self._transport: asyncio.Transport | None = None
         self._flow: FlowControl | None = None
         self._pending: Batch | None = None  # the batch waiting for buffer room

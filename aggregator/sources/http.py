@@ -26,6 +26,7 @@ from aggregator import metrics, process
 from aggregator.config.model import HttpSource, Server
 from aggregator.formatting import InvalidEvent
 from aggregator.pipeline import Outcome, Pipeline
+from aggregator.protocol.decoder import DEFAULT_MAX_ENTRIES
 from aggregator.sources import Listener
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,20 @@ def _form(raw: str) -> dict[str, bytes]:
                                                          encoding="latin-1")}  # fmt: skip
 
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+def _unpack(data: bytes, max_items: int) -> Any:
+    return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape",
+                           strict_map_key=False, max_array_len=max_items,
+                           max_map_len=max_items)  # fmt: skip
 
 
-async def parse_events(request: web.Request, clock: Callable[[], float] = time.time) -> list[Any]:
-    """The ``[[time, record], ...]`` entries a request carries. Raises :class:`BadRequest`."""
+async def parse_events(
+    request: web.Request,
+    clock: Callable[[], float] = time.time,
+    max_events: int = DEFAULT_MAX_ENTRIES,
+) -> list[Any]:
+    """The ``[[time, record], ...]`` entries a request carries, at most ``max_events`` (and
+    msgpack arrays and maps of at most that many items, refused before they are built).
+    Raises :class:`BadRequest`."""
     params = _form(request.rel_url.raw_query_string)
     content_type = request.content_type
     body = b""
@@ -106,11 +115,11 @@ async def parse_events(request: web.Request, clock: Callable[[], float] = time.t
             body = b""
     try:
         if "msgpack" in params:
-            payload = _unpack(params["msgpack"])
+            payload = _unpack(params["msgpack"], max_events)
         elif "json" in params:
             payload = orjson.loads(params["json"])
         elif content_type in _MSGPACK_TYPES:
-            payload = _unpack(body)
+            payload = _unpack(body, max_events)
         elif content_type == "application/x-ndjson":
             payload = [orjson.loads(line) for line in body.splitlines() if line.strip()]
         elif body:
@@ -123,7 +132,10 @@ async def parse_events(request: web.Request, clock: Callable[[], float] = time.t
         raise BadRequest(f"cannot parse the event: {exc}") from exc
     raw_time = params.get("time")
     t = _event_time(raw_time.decode("latin-1") if raw_time else None, clock)
-    return [[t, record] for record in _records(payload)]
+    records = _records(payload)
+    if len(records) > max_events:
+        raise BadRequest(f"{len(records)} events in one request; at most {max_events}")
+    return [[t, record] for record in records]
 
 
 def _by_destination(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, float]:
@@ -191,7 +203,7 @@ class HttpServer:
         if request.content_length:
             self._m_bytes.inc(request.content_length)
         try:
-            entries = await parse_events(request)
+            entries = await parse_events(request, max_events=self.settings.body_entries_limit)
         except BadRequest as exc:
             metrics.INPUT_ERRORS.labels(self.settings.name, "bad_request").inc()
             return _bad_request(str(exc))

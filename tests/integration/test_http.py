@@ -11,6 +11,7 @@ import urllib.request
 from typing import Any
 
 import msgpack
+import orjson
 import pytest
 
 from tests.integration.conftest import (
@@ -137,3 +138,22 @@ def test_health_flush_and_metrics(start_aggregator: StartAggregator) -> None:
     assert b"aggregator_input_events_total" in text
     assert agg.metric("aggregator_input_events_total", source="http") == 1
     assert agg.metric("aggregator_output_events_total", destination="local") == 1
+
+
+def test_bodies_over_the_entries_limit_get_400_before_they_are_decoded(
+    start_aggregator: StartAggregator,
+) -> None:
+    """Issue 8: an 8 MiB msgpack array of empty maps got a worker OOM-killed."""
+    agg = start_aggregator(
+        FILE_CONFIG.replace("port = {http_port}", "port = {http_port}\nbody_entries_limit = 1000")
+    )
+    empty_maps = b"\xdd" + (8 * 1024 * 1024).to_bytes(4, "big") + b"\x80" * (8 * 1024 * 1024)
+    status, text = request(agg, "/app", empty_maps, "application/msgpack")
+    assert status == 400 and b"max_array_len" in text
+    status, text = request(agg, "/app", orjson.dumps([{"i": i} for i in range(1001)]),
+                           "application/json")  # fmt: skip
+    assert status == 400 and b"at most 1000" in text
+    status, _ = request(agg, "/app", orjson.dumps([{"i": i} for i in range(1000)]),
+                        "application/json")  # fmt: skip
+    assert status == 200
+    assert len(events_of(agg, 1000)) == 1000

@@ -591,3 +591,49 @@ def test_gzip_members_of_any_size_decode_to_their_concatenation(sizes: list[int]
     assert gunzip(payload, 10**7) == b"".join(chunks)
     with pytest.raises(ProtocolError, match="truncated"):
         gunzip(payload[:-3], 10**7)
+
+
+def test_a_compressed_bomb_is_refused_at_the_entries_limit_in_bounded_memory() -> None:
+    """Issue 8: 8 KiB of gzip that inflates to 2.8 M `[0,{}]` entries took a worker to 12 GB."""
+    payload = gzip.compress(b"\x92\x00\x80" * (8 * 1024 * 1024 // 3), mtime=0)
+    assert len(payload) < 64 * 1024
+    message = msgpack.packb(["bomb", payload, {"compressed": "gzip"}], use_bin_type=True)
+    decoder = ForwardDecoder(max_entries=10_000)
+    tracemalloc.start()
+    try:
+        decoder.receive_data(message)
+        with pytest.raises(ProtocolError) as err:
+            decoder.next_message()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.reason == "message_too_large" and "10000 entries" in err.value.detail
+    assert peak < 48 * 1024 * 1024, f"peak {peak >> 20} MiB"  # the inflated 8 MiB, no more
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"\xdd\xff\xff\xff\xff",  # a never-finished array32 of 4 G items
+        b"\x93\xa3tag\xce\x65\x53\xf1\x00\xdf\x00\x10\x00\x00",  # a record map of 1 M keys
+        b"\x93\xa3tag\xdd\x00\x10\x00\x00",  # Forward mode with 1 M entries
+    ],
+)
+def test_containers_over_the_entries_limit_are_refused_before_they_are_built(head: bytes) -> None:
+    decoder = ForwardDecoder(max_entries=1000)
+    decoder.receive_data(head + b"\x80" * 64)
+    with pytest.raises(ProtocolError) as err:
+        decoder.next_message()
+    assert err.value.reason == "message_too_large"
+
+
+def test_packed_entries_up_to_the_limit_pass() -> None:
+    entries = [[1700000000, {"i": i}] for i in range(1000)]
+    decoder = ForwardDecoder(max_entries=1000)
+    decoder.receive_data(encode_packed_forward("t", entries, compressed=True))
+    message = decoder.next_message()
+    assert message is not None and len(message.entries) == 1000
+    decoder = ForwardDecoder(max_entries=999)
+    decoder.receive_data(encode_packed_forward("t", entries))
+    with pytest.raises(ProtocolError, match="over 999 entries"):
+        decoder.next_message()
