@@ -103,6 +103,12 @@ HANDOFF_EVENTS = Counter(
     ["destination"],
     registry=REGISTRY,
 )
+CONNECTIONS_REFUSED = Counter(
+    "aggregator_connections_refused",
+    "Connections closed on arrival because the worker had max_connections open, by source.",
+    ["source"],
+    registry=REGISTRY,
+)
 CONNECTIONS_CLOSED = Counter(
     "aggregator_connections_closed",
     "Client connections the server closed, by source and why (stop, max_age) and how: "

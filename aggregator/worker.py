@@ -25,6 +25,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -44,6 +45,9 @@ from aggregator.stopping import StopPlan
 log = logging.getLogger("aggregator.worker")  # not __main__ when run with -m
 
 ORPHAN_CHECK_INTERVAL = 1.0
+OPEN_FILES_RESERVE = 64
+"""Descriptors a worker needs besides its client connections: listeners, sink connections,
+files, the event loop's own."""
 
 
 class Worker:
@@ -166,7 +170,16 @@ async def serve(
         log.error(f"cannot start: {exc}")
         return EXIT_CONFIG
     tune_gc()
-    log.info("ready", extra={"ports": worker.ports(), "pid": os.getpid()})
+    open_files = raise_open_files_limit()
+    connections = sum(s.max_connections for s in config.sources if isinstance(s, ForwardSource))
+    if open_files < connections + OPEN_FILES_RESERVE:
+        log.warning(
+            "the open-files limit is below the forward inputs' max_connections: clients beyond "
+            "it will be refused by the kernel (raise the container's nofile ulimit)",
+            extra={"open_files_limit": open_files, "max_connections": connections},
+        )
+    log.info("ready", extra={"ports": worker.ports(), "pid": os.getpid(),
+                             "open_files_limit": open_files})  # fmt: skip
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
@@ -190,6 +203,17 @@ GC_GEN0_THRESHOLD = 50_000
 The data path allocates a few short-lived lists, dicts and tuples per event; at the default
 threshold the cycle collector ran thousands of times a second, for garbage that reference
 counting frees anyway."""
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (containers often start
+    at 1,024): each client connection is one. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = 1_048_576 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def tune_gc() -> None:

@@ -66,6 +66,19 @@ class ForwardSource(Strict):
     keepalive_probes: int = Field(
         6, ge=1, le=127, description="TCP keepalive: unanswered probes before giving up."
     )
+    message_timeout: Duration = Field(
+        60.0,
+        gt=0,
+        description="A message must be complete this long after its first byte arrived, or the "
+        "connection is reset and counted (aggregator_input_errors_total{reason=message_timeout})"
+        ": a sender trickling bytes (slowloris) cannot hold a connection and its buffer forever.",
+    )
+    max_connections: int = Field(
+        10_000,
+        ge=1,
+        description="Open connections per worker; one more is closed at once, logged and counted "
+        "(aggregator_connections_refused_total). Each open connection costs about 50-90 KiB.",
+    )
     max_connection_age: Duration | None = Field(
         None,
         gt=0,
@@ -89,6 +102,12 @@ class HttpSource(Strict):
     bind: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8888, ge=0, le=65535, description="TCP port; 0 = any.")
     body_size_limit: Size = Field(32 * 1024 * 1024, description="Largest request body accepted.")
+    body_timeout: Duration = Field(
+        30.0,
+        gt=0,
+        description="A request's body must arrive within this long, or the answer is 408 "
+        "(a Content-Length that is never sent must not hold the request forever).",
+    )
     body_entries_limit: int = Field(
         DEFAULT_MAX_ENTRIES,
         ge=1,

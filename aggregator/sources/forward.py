@@ -62,6 +62,10 @@ class FlowControl:
         self._transport = transport
         self._reasons: set[str] = set()
 
+    @property
+    def paused(self) -> bool:
+        return bool(self._reasons)
+
     def pause(self, reason: str) -> None:
         if not self._reasons:
             self._transport.pause_reading()
@@ -99,11 +103,16 @@ class ForwardConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._transport.set_write_buffer_limits(high=ACK_HIGH_WATER)
-        self._flow = FlowControl(self._transport)
         peer = self._transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         settings = self._server.settings
+        if len(self._server.connections) >= settings.max_connections:
+            self._server.refuse_connection(self._peer)
+            self._transport.abort()
+            self._transport = None
+            return
+        self._transport.set_write_buffer_limits(high=ACK_HIGH_WATER)
+        self._flow = FlowControl(self._transport)
         sock = self._transport.get_extra_info("socket")
         if sock is not None:
             set_keepalive(sock, settings)
@@ -132,6 +141,11 @@ class ForwardConnection(asyncio.Protocol):
             return
         if self._pending is None:
             self._process()
+        if self._decoder.pending_bytes:
+            if "message" not in self._timers:  # the first byte of a message: its clock starts
+                self._later("message", self._server.settings.message_timeout, self._timed_out)
+        elif "message" in self._timers:
+            self._timers.pop("message").cancel()
         if self._closing is not None:
             self._close_if_safe()
         flow = self._flow
@@ -198,6 +212,14 @@ class ForwardConnection(asyncio.Protocol):
         if self._closing is not None:
             self._close_if_safe()
 
+    def _timed_out(self) -> None:
+        timeout = self._server.settings.message_timeout
+        if self._flow is not None and self._flow.paused:  # we are the ones not reading
+            self._later("message", timeout, self._timed_out)
+            return
+        self._timers.pop("message", None)
+        self._refuse("message_timeout", f"a message was not complete {timeout:g} s after it began")
+
     def _refuse(self, reason: str, detail: str) -> None:
         metrics.INPUT_ERRORS.labels(self._server.settings.name, reason).inc()
         if connections := self._server.bad_input_warning.hit():
@@ -208,6 +230,8 @@ class ForwardConnection(asyncio.Protocol):
                        "connections_since_last_line": connections},
             )  # fmt: skip
         if self._transport is not None:
+            if self._pending is not None:
+                self._pipeline.abandon(self._pending.tag, len(self._pending.entries), reason)
             self._transport.abort()
 
     # --- closing at a safe moment --------------------------------------------------------
@@ -304,8 +328,20 @@ class ForwardServer:
         self.connections: ConnectionSet[ForwardConnection] = ConnectionSet(settings.name)
         self.bad_input_warning = Throttle(BAD_INPUT_WARNING_INTERVAL)
         self.cut_message_warning = Throttle(BAD_INPUT_WARNING_INTERVAL)
+        self.refused_warning = Throttle(BAD_INPUT_WARNING_INTERVAL)
+        self._m_refused = metrics.CONNECTIONS_REFUSED.labels(settings.name)
         self._server: asyncio.Server | None = None
         self._heartbeat: asyncio.DatagramTransport | None = None
+
+    def refuse_connection(self, peer: str) -> None:
+        self._m_refused.inc()
+        if refused := self.refused_warning.hit():
+            log.warning(
+                "refusing connection: max_connections are open",
+                extra={"source": self.settings.name, "peer": peer,
+                       "max_connections": self.settings.max_connections,
+                       "refused_since_last_line": refused},
+            )  # fmt: skip
 
     @property
     def port(self) -> int:

@@ -11,6 +11,7 @@ Reserved paths: ``GET /api/health``, ``POST /api/flush``, ``GET /metrics``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -203,10 +204,15 @@ class HttpServer:
         if request.content_length:
             self._m_bytes.inc(request.content_length)
         try:
-            entries = await parse_events(request, max_events=self.settings.body_entries_limit)
+            async with asyncio.timeout(self.settings.body_timeout):
+                entries = await parse_events(request, max_events=self.settings.body_entries_limit)
         except BadRequest as exc:
             metrics.INPUT_ERRORS.labels(self.settings.name, "bad_request").inc()
             return _bad_request(str(exc))
+        except TimeoutError:
+            metrics.INPUT_ERRORS.labels(self.settings.name, "body_timeout").inc()
+            timeout = self.settings.body_timeout
+            return _text(408, f"408 Request Timeout\nthe body did not arrive in {timeout:g} s\n")
         if not entries:
             return _text(200)
         while True:

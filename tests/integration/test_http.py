@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -157,3 +158,18 @@ def test_bodies_over_the_entries_limit_get_400_before_they_are_decoded(
                         "application/json")  # fmt: skip
     assert status == 200
     assert len(events_of(agg, 1000)) == 1000
+
+
+def test_a_body_that_never_arrives_gets_408_at_body_timeout(
+    start_aggregator: StartAggregator,
+) -> None:
+    """Issue 8: `Content-Length: 10^12` and a 10-byte body held the request forever."""
+    agg = start_aggregator(
+        FILE_CONFIG.replace("port = {http_port}", 'port = {http_port}\nbody_timeout = "500ms"')
+    )
+    with socket.create_connection(("127.0.0.1", agg.http_port), timeout=10) as sock:
+        sock.sendall(b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000000000\r\n\r\n{\"a\": 1}, ")  # fmt: skip
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+    assert agg.metric("aggregator_input_errors_total", reason="body_timeout") == 1

@@ -323,3 +323,81 @@ def test_bad_input_is_counted_every_time_and_logged_once_per_interval(
         run(main)
     lines = [r for r in caplog.records if r.getMessage() == "closing connection: bad input"]
     assert len(lines) == 1
+
+
+def test_a_message_that_never_completes_is_reset_at_message_timeout() -> None:
+    """Slowloris: a byte now and then keeps a connection busy, never complete."""
+
+    async def main() -> None:
+        async with serve(config(message_timeout=0.4)) as server:
+            before = metric("aggregator_input_errors_total", reason="message_timeout")
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                whole = message(1)
+                for byte in whole[:-1]:  # everything but the last byte, one at a time
+                    client.sendall(bytes([byte]))
+                    await asyncio.sleep(0.02)
+                await until(lambda: len(server.connections) == 0, timeout=2)
+            assert metric("aggregator_input_errors_total", reason="message_timeout") == before + 1
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.sendall(message(2)[:5])  # ...while a message completed in time is fine
+                await asyncio.sleep(0.2)
+                client.sendall(message(2)[5:])
+                await until(lambda: buffered(server) == 1)
+                await asyncio.sleep(0.4)
+                assert len(server.connections) == 1
+
+    run(main)
+
+
+def test_a_connection_we_stopped_reading_is_not_timed_out() -> None:
+    """Blocked on a full buffer, the client's next message waits on us, not on the client."""
+
+    async def main() -> None:
+        with EmulatorThread() as firehose:
+            firehose.stall()
+            cfg = Config.model_validate({
+                "sources": [{"type": "forward", "bind": "127.0.0.1", "port": 0,
+                             "message_timeout": 0.2}],
+                "routes": [{"match": "**", "destination": "fh"}],
+                "destinations": {"fh": {
+                    "type": "firehose", "delivery_stream": "s", "region": "us-east-1",
+                    "endpoint_url": firehose.endpoint_url,
+                    "buffer": {"chunk_limit_size": "4KiB", "total_limit_size": "8KiB"}}},
+            })  # fmt: skip
+            async with serve(cfg) as server:
+                messages = [encode_message("app", 1700000000, {"i": i, "pad": "x" * 200})
+                            for i in range(400)]  # fmt: skip
+                with socket.create_connection(("127.0.0.1", server.port)) as client:
+                    client.sendall(b"".join(messages[:50]))  # fills the buffer
+                    buffer = server.pipeline.destinations["fh"].buffer
+                    await until(lambda: not buffer.has_room())
+                    # More than a batch, and half a message: the decoder holds bytes while
+                    # the connection waits for room.
+                    client.sendall(b"".join(messages[50:399]) + messages[399][:20])
+                    await asyncio.sleep(1.0)  # five timeouts long, blocked all along
+                    assert len(server.connections) == 1
+                    firehose.resume()
+                    client.sendall(messages[399][20:])
+                    await until(lambda: len(firehose.lines("s")) >= 400, timeout=10)
+
+    run(main)
+
+
+def test_connections_over_max_connections_are_refused_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        async with serve(config(max_connections=5)) as server:
+            before = metric("aggregator_connections_refused_total")
+            clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
+            try:
+                await until(lambda: metric("aggregator_connections_refused_total") == before + 3)
+                assert len(server.connections) == 5
+            finally:
+                for client in clients:
+                    client.close()
+
+    with caplog.at_level("WARNING", logger="aggregator.sources.forward"):
+        run(main)
+    refusals = [r for r in caplog.records if r.getMessage().startswith("refusing connection")]
+    assert len(refusals) == 1
