@@ -144,6 +144,11 @@ WORKERS_ALIVE = Gauge(
     "aggregator_workers_alive", "Worker processes running (set by the supervisor).",
     registry=REGISTRY, multiprocess_mode="livemax",
 )  # fmt: skip
+WORKER_WATCHDOG_KILLS = Counter(
+    "aggregator_worker_watchdog_kills",
+    "Workers killed because their event loop stopped turning (no heartbeat).",
+    registry=REGISTRY,
+)
 WORKER_RESTARTS = Counter(
     "aggregator_worker_restarts", "Workers started again after they died.", registry=REGISTRY
 )

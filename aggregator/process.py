@@ -24,6 +24,9 @@ EXIT_CONFIG = 2
 EXIT_FORCED = 3
 """A second stop signal: buffered events were abandoned."""
 
+HEARTBEAT_INTERVAL = 1.0
+"""Seconds between two beats a worker sends its supervisor."""
+
 SUPERVISOR_PID_ENV = "AGGREGATOR_SUPERVISOR_PID"
 STATE_FILE_ENV = "AGGREGATOR_STATE_FILE"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"

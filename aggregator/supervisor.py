@@ -25,6 +25,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aggregator import metrics, process
@@ -79,6 +80,23 @@ class WorkerSlot:
     failures: int = 0  # consecutive early deaths
     exit_code: int | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    last_beat: float = 0.0
+
+
+class _WorkerPipe(asyncio.Protocol):
+    """A worker's ready pipe: "ready", then a byte every HEARTBEAT_INTERVAL while its event
+    loop turns."""
+
+    def __init__(self, slot: WorkerSlot, on_ready: Callable[[], None]) -> None:
+        self._slot = slot
+        self._on_ready = on_ready
+
+    def data_received(self, data: bytes) -> None:
+        slot = self._slot
+        slot.last_beat = time.monotonic()
+        if not slot.ready.is_set() and b"ready" in data:  # one write, smaller than PIPE_BUF
+            slot.ready.set()
+            self._on_ready()
 
 
 def _stop_status(slot: WorkerSlot) -> int | None:
@@ -121,8 +139,10 @@ class Supervisor:
         self._publish_state()
         self._supervising = [loop.create_task(self._supervise(slot)) for slot in self.slots]
         ready = loop.create_task(self._announce_ready())
+        watchdog = loop.create_task(self._watch_workers())
         await self._stop.wait()
         ready.cancel()
+        watchdog.cancel()
         return await self._shutdown()
 
     async def _announce_ready(self) -> None:
@@ -202,12 +222,32 @@ class Supervisor:
         waiter.add_done_callback(self._background.discard)
 
     async def _await_ready(self, slot: WorkerSlot, read_fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        with os.fdopen(read_fd, "rb") as pipe:
-            line = await loop.run_in_executor(None, pipe.readline)
-        if line.startswith(b"ready"):
-            slot.ready.set()
-            self._publish_state()
+        pipe = os.fdopen(read_fd, "rb", buffering=0)
+        await asyncio.get_running_loop().connect_read_pipe(
+            lambda: _WorkerPipe(slot, self._publish_state), pipe
+        )
+
+    async def _watch_workers(self) -> None:
+        """Kill a serving worker whose beats stopped; _supervise starts it again."""
+        timeout = self.config.server.worker_watchdog_timeout
+        while not self._stopping:
+            await asyncio.sleep(process.HEARTBEAT_INTERVAL)
+            now = time.monotonic()
+            for slot in self.slots:
+                proc = slot.proc
+                if proc is None or proc.returncode is not None or not slot.ready.is_set():
+                    continue
+                silent = now - slot.last_beat
+                if silent > timeout and not self._stopping:
+                    log.error(
+                        f"worker {slot.index} has not answered for {silent:.0f} s (its event "
+                        "loop is stuck): killing it to start it again",
+                        extra={"worker_index": slot.index, "pid": proc.pid},
+                    )
+                    metrics.WORKER_WATCHDOG_KILLS.inc()
+                    slot.last_beat = now
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
 
     def _alive(self) -> int:
         """Workers running and serving."""

@@ -180,16 +180,36 @@ async def serve(
         )
     log.info("ready", extra={"ports": worker.ports(), "pid": os.getpid(),
                              "open_files_limit": open_files})  # fmt: skip
+    heartbeat = None
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
+        heartbeat = loop.create_task(beat(ready_fd))
     publisher = loop.create_task(publish_metrics())
     status = await worker.wait_stopped()
     publisher.cancel()
+    if heartbeat is not None:
+        heartbeat.cancel()
     metrics.publish_tallies()
     if supervisor is not None:
         watchdog.cancel()
     return status
+
+
+async def beat(fd: int) -> None:
+    """Tell the supervisor, on the ready pipe, that this worker's event loop still turns: a
+    loop blocked by a bug or a pathological input stops the beats, and the supervisor restarts
+    the worker (``worker_watchdog_timeout``)."""
+    os.set_blocking(fd, False)  # never block the loop on a supervisor that reads late
+    try:
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                os.write(fd, b".")
+            await asyncio.sleep(process.HEARTBEAT_INTERVAL)
+    except OSError:  # the supervisor is gone: watch_supervisor stops us
+        return
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 async def publish_metrics() -> None:

@@ -334,6 +334,13 @@ class Server(Strict):
                 raise ValueError(f"handoff: expected host:port, got {self.handoff!r}")
         return self
 
+    worker_watchdog_timeout: Duration = Field(
+        30.0,
+        ge=2,
+        description="A worker whose event loop has not turned for this long (it beats every "
+        "second) is killed and restarted, logged and counted "
+        "(aggregator_worker_watchdog_kills_total).",
+    )
     buffer_high_water: float = Field(
         0.9,
         gt=0,

@@ -114,6 +114,25 @@ def test_health_is_503_while_a_worker_is_missing(start_aggregator: StartAggregat
     assert agg.stop() == 0
 
 
+def test_a_worker_whose_loop_is_stuck_is_killed_and_restarted(
+    start_aggregator: StartAggregator,
+) -> None:
+    """Frozen (SIGSTOP) looks from outside exactly like an event loop stuck in one call."""
+    config = FILE_CONFIG.replace("workers = 2", 'workers = 2\nworker_watchdog_timeout = "2s"')
+    agg = start_aggregator(config)
+    stuck, other = sorted(worker_pids(agg))
+    os.kill(stuck, signal.SIGSTOP)
+    started = time.monotonic()
+    replacement = wait_for(lambda: worker_pids(agg) - {stuck, other}, timeout=10)
+    assert replacement, "the stuck worker was not replaced"
+    assert 2 <= time.monotonic() - started < 6
+    assert other in worker_pids(agg)  # the healthy one was left alone
+    assert wait_for(lambda: agg.health()[0] == 200, timeout=10)
+    assert agg.metric("aggregator_worker_watchdog_kills_total") == 1
+    assert [e for e in agg.logs() if "has not answered for" in e["message"]]
+    assert agg.stop() == 0
+
+
 def test_a_worker_that_keeps_dying_is_restarted_after_a_backoff(
     start_aggregator: StartAggregator,
 ) -> None:
