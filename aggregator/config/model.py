@@ -228,7 +228,13 @@ class FirehoseDestination(DestinationBase):
         le=FIREHOSE_MAX_RECORD_BYTES,
         description="Largest Firehose record built (Firehose's limit is 1,000 KiB).",
     )
-    request_timeout: Duration = Field(30.0, gt=0, description="One PutRecordBatch call, at most.")
+    request_timeout: Duration = Field(
+        60.0,
+        gt=0,
+        description="One PutRecordBatch call, at most (botocore's own read timeout). A call "
+        "given up on may still have been accepted, and its records are then sent again: "
+        "delivery is at least once, so keep this well above the service's slowest answers.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -53,6 +53,8 @@ def test_defaults() -> None:
     assert (forward.bind, forward.port) == ("0.0.0.0", 24224)
     assert config.server.stop_timeout == 30.0
     assert config.server.handoff is None
+    firehose = FirehoseDestination.model_validate({"type": "firehose", "delivery_stream": "s"})
+    assert firehose.request_timeout == 60.0  # botocore's: a slow Firehose must not duplicate
     assert config.destinations["out"].buffer.overflow_action == "block"
 
 
