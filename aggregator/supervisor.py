@@ -44,6 +44,12 @@ start waits a backoff first, doubling each time: a worker that cannot start must
 
 
 
+FLUSH_COALESCE = 0.25
+"""Seconds in which flush requests (SIGUSR1) are one fan-out to the workers: a storm of
+/api/flush reaches every worker at once, and each asks here; an operator's signal a moment
+later is a flush of its own."""
+
+
 def _bind(kind: socket.SocketKind, host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, kind)
@@ -116,6 +122,7 @@ class Supervisor:
         self.slots: list[WorkerSlot] = []
         self._stopping = False
         self._stop_requested = 0.0
+        self._last_flush = -FLUSH_COALESCE
         self._stop = asyncio.Event()
         self._state_dir = tempfile.mkdtemp(prefix="aggregator-")
         self._state_file = os.path.join(self._state_dir, "workers.json")
@@ -271,6 +278,12 @@ class Supervisor:
                     slot.proc.send_signal(sig)
 
     def flush_all(self) -> None:
+        """Have every worker flush; requests within FLUSH_COALESCE of the last fan-out are one
+        flush (every worker that took an /api/flush asks here)."""
+        now = time.monotonic()
+        if now - self._last_flush < FLUSH_COALESCE:
+            return
+        self._last_flush = now
         self._signal_workers(signal.SIGUSR1)
 
     def request_stop(self) -> None:

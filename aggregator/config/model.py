@@ -102,6 +102,18 @@ class HttpSource(Strict):
     bind: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8888, ge=0, le=65535, description="TCP port; 0 = any.")
     body_size_limit: Size = Field(32 * 1024 * 1024, description="Largest request body accepted.")
+    control_token: str | None = Field(
+        None,
+        description="Bearer token that POST /api/flush and GET /metrics require (write it as "
+        "\"${CONTROL_TOKEN}\" to take it from the environment). Unset: /api/flush answers only "
+        "clients on this host (loopback) and /metrics is open.",
+    )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins whose browsers may post events (\"*\": any), as in_http's. A "
+        "request that carries another Origin header gets 403: log clients send none, browsers "
+        "always do, so a web page cannot make its visitors post to the aggregator.",
+    )
     body_timeout: Duration = Field(
         30.0,
         gt=0,
@@ -114,6 +126,13 @@ class HttpSource(Strict):
         description="Most events in one request, and items in any msgpack array or map in it "
         "(checked before they are decoded): over it, 400.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, data: object) -> object:  # "${CONTROL_TOKEN:-}"
+        if isinstance(data, dict) and data.get("control_token") == "":
+            data = {**data, "control_token": None}
+        return data
 
 
 Source = Annotated[ForwardSource | HttpSource, Field(discriminator="type")]
@@ -327,7 +346,7 @@ class Server(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _empty_handoff_is_none(cls, data: object) -> object:
+    def _empty_handoff_is_none(cls, data: object) -> object:  # "${HANDOFF_ADDRESS:-}"
         if isinstance(data, dict) and data.get("handoff") == "":
             data = {**data, "handoff": None}
         return data

@@ -6,17 +6,22 @@ batch; ``time=`` sets the event time (default now). Answers as in_http does: 200
 body, 400 with the reason, 413 for a body over ``body_size_limit``; and 503 when the destination's
 buffer is full and refuses (``overflow_action = throw_exception``).
 
-Reserved paths: ``GET /api/health``, ``POST /api/flush``, ``GET /metrics``.
+Reserved paths: ``GET /api/health``, ``POST /api/flush``, ``GET /metrics``. The last two are
+the control plane: with ``control_token`` set they need it as a bearer token; without, flushing
+is for clients on this host only. A request from a web page (an ``Origin`` header not in
+``cors_allow_origins``) is refused, so no browser can be made to post to the aggregator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import msgpack
@@ -33,6 +38,11 @@ from aggregator.sources import Listener
 log = logging.getLogger(__name__)
 
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+FLUSH_MIN_INTERVAL = 1.0
+"""Seconds between two flushes a worker starts for /api/flush: a storm of requests must not
+turn into a storm of tiny PutRecordBatch calls."""
+HEALTH_CACHE_SECONDS = 0.5
+"""How long one computed /api/health answer is served again (it reads every worker's metrics)."""
 
 
 class BadRequest(ValueError):
@@ -45,6 +55,13 @@ def _text(status: int, body: str = "") -> web.Response:
 
 def _bad_request(reason: str) -> web.Response:
     return _text(400, f"400 Bad Request\n{reason}\n")
+
+
+def is_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a Unix socket, or no address at all
+        return False
 
 
 def tag_from_path(path: str) -> str:
@@ -153,6 +170,8 @@ class HttpServer:
         self._site: web.BaseSite | None = None
         self._m_events = metrics.INPUT_EVENTS.labels(settings.name)
         self._m_bytes = metrics.INPUT_BYTES.labels(settings.name)
+        self._last_flush = -FLUSH_MIN_INTERVAL
+        self._health_cache: tuple[float, int, bytes] | None = None
 
     @property
     def port(self) -> int:
@@ -162,7 +181,9 @@ class HttpServer:
         return port
 
     def _app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.body_size_limit)
+        app = web.Application(
+            client_max_size=self.settings.body_size_limit, middlewares=[self._cors]
+        )
         app.router.add_get("/api/health", self._health)
         app.router.add_post("/api/flush", self._flush)
         app.router.add_get("/metrics", self._metrics)
@@ -232,7 +253,16 @@ class HttpServer:
 
     async def _health(self, request: web.Request) -> web.Response:
         """The whole service's state, from any worker: the merged metrics of every worker and
-        the supervisor's count of live workers."""
+        the supervisor's count of live workers. Computed at most every HEALTH_CACHE_SECONDS:
+        a load balancer (or anyone) asking often costs a dictionary lookup."""
+        now = time.monotonic()
+        cached = self._health_cache
+        if cached is None or now - cached[0] >= HEALTH_CACHE_SECONDS or not self.accepting:
+            status, body = self._health_state()
+            self._health_cache = cached = (now, status, body)
+        return web.Response(status=cached[1], body=cached[2], content_type="application/json")
+
+    def _health_state(self) -> tuple[int, bytes]:
         buffered = _by_destination(metrics.values("aggregator_buffer_bytes"))
         fill = _by_destination(metrics.values("aggregator_buffer_fill_ratio"))
         last = _by_destination(metrics.values("aggregator_last_success_timestamp_seconds"))
@@ -258,14 +288,48 @@ class HttpServer:
         body["status"] = "unavailable" if problems else "ok"
         body["problems"] = problems
         body["destinations"] = destinations
-        return web.Response(status=503 if problems else 200, body=orjson.dumps(body),
-                            content_type="application/json")  # fmt: skip
+        return 503 if problems else 200, orjson.dumps(body)
 
     async def _flush(self, request: web.Request) -> web.Response:
+        if not self._authorized(request, open_without_token=False):
+            return _text(401, "401 Unauthorized\ncontrol_token required, or ask from this host\n")
+        now = time.monotonic()
+        if now - self._last_flush < FLUSH_MIN_INTERVAL:
+            response = _text(429, "429 Too Many Requests\na flush was started just now\n")
+            response.headers["Retry-After"] = "1"
+            return response
+        self._last_flush = now
         process.flush_everywhere(self.pipeline.flush_all)
         return web.Response(status=200, body=b'{"flushed":true}', content_type="application/json")
 
+    def _authorized(self, request: web.Request, *, open_without_token: bool) -> bool:
+        token = self.settings.control_token
+        if token is None:
+            return open_without_token or is_loopback(request.remote)
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+    @web.middleware
+    async def _cors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return cast(web.StreamResponse, await handler(request))
+        allowed = self.settings.cors_allow_origins
+        if "*" not in allowed and origin not in allowed:
+            metrics.INPUT_ERRORS.labels(self.settings.name, "origin_refused").inc()
+            return _text(403, f"403 Forbidden\norigin {origin[:100]} is not allowed\n")
+        if request.method == "OPTIONS":  # a browser's preflight
+            response: web.StreamResponse = _text(200)
+            response.headers["Access-Control-Allow-Methods"] = "POST, PUT, GET"
+            response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+        else:
+            response = await handler(request)
+        response.headers["Access-Control-Allow-Origin"] = origin
+        return response
+
     async def _metrics(self, request: web.Request) -> web.Response:
+        if not self._authorized(request, open_without_token=True):
+            return _text(401, "401 Unauthorized\ncontrol_token required\n")
         body, content_type = metrics.render()
         response = web.Response(status=200, body=body)
         response.headers["Content-Type"] = content_type

@@ -15,6 +15,7 @@ import msgpack
 import orjson
 import pytest
 
+from aggregator.sources.http import is_loopback
 from tests.integration.conftest import (
     FILE_CONFIG,
     Aggregator,
@@ -173,3 +174,65 @@ def test_a_body_that_never_arrives_gets_408_at_body_timeout(
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
     assert agg.metric("aggregator_input_errors_total", reason="body_timeout") == 1
+
+
+def test_the_control_plane_wants_its_token(start_aggregator: StartAggregator) -> None:
+    agg = start_aggregator(FILE_CONFIG.replace(
+        "port = {http_port}", 'port = {http_port}\ncontrol_token = "${TOKEN}"'
+    ), env={"TOKEN": "s3cret"})  # fmt: skip
+    for path, method in (("/api/flush", "POST"), ("/metrics", "GET")):
+        assert request(agg, path, method=method)[0] == 401, path
+        req = urllib.request.Request(agg.http + path, method=method)
+        req.add_header("Authorization", "Bearer s3cret")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200, path
+        req.add_header("Authorization", "Bearer wrong")
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(req, timeout=10)
+    assert agg.health()[0] == 200  # the load balancer's check needs no token
+
+
+def test_a_flush_storm_is_a_flush_or_two(agg: Aggregator) -> None:
+    """Issue 8: a /api/flush storm multiplied PutRecordBatch calls 45 times."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(30) as pool:
+        statuses = list(pool.map(lambda _: request(agg, "/api/flush", method="POST")[0], range(30)))
+    assert set(statuses) <= {200, 429}
+    assert 1 <= statuses.count(200) <= 4  # one per worker, two if a second boundary fell inside
+
+
+def test_web_pages_cannot_post_unless_their_origin_is_allowed(
+    start_aggregator: StartAggregator,
+) -> None:
+    agg = start_aggregator(FILE_CONFIG.replace(
+        "port = {http_port}", 'port = {http_port}\ncors_allow_origins = ["https://ok.example"]'
+    ))  # fmt: skip
+
+    def post(origin: str | None, method: str = "POST") -> tuple[int, dict[str, str]]:
+        req = urllib.request.Request(agg.http + "/app", data=b'{"a": 1}', method=method)
+        req.add_header("Content-Type", "application/json")
+        if origin:
+            req.add_header("Origin", origin)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers)
+
+    assert post(None)[0] == 200
+    assert post("https://evil.example")[0] == 403
+    status, headers = post("https://ok.example")
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "https://ok.example"
+    assert post("https://ok.example", method="OPTIONS")[0] == 200
+    assert len(events_of(agg, 2)) == 2
+    assert agg.metric("aggregator_input_errors_total", reason="origin_refused") == 1
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [("127.0.0.1", True), ("127.8.9.1", True), ("::1", True), ("10.0.0.5", False),
+     ("::ffff:10.0.0.5", False), (None, False), ("", False)],
+)  # fmt: skip
+def test_only_this_hosts_addresses_are_loopback(address: str | None, loopback: bool) -> None:
+    assert is_loopback(address) is loopback
