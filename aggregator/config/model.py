@@ -6,6 +6,7 @@ Names follow Fluentd's where Fluentd has the concept (``chunk_limit_size``, ``fl
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Annotated, Literal
 
@@ -33,6 +34,81 @@ class Strict(BaseModel):
 # --- sources ---------------------------------------------------------------------------------
 
 
+class ForwardUser(Strict):
+    username: str = Field(min_length=1)
+    password: str = Field(description="Write it as \"${VAR}\" to take it from the environment.")
+
+
+class ForwardClient(Strict):
+    """Who may connect (Fluentd's <client>): by host or network, with its own key and users."""
+
+    host: str | None = Field(None, description="Address or name (resolved at start).")
+    network: str | None = Field(None, description="An address or CIDR network.")
+    shared_key: str | None = Field(None, description="Its own shared key (default: the one).")
+    users: list[str] = Field(default_factory=list, description="Usernames it may use.")
+
+    @model_validator(mode="after")
+    def _host_or_network(self) -> ForwardClient:
+        if (self.host is None) == (self.network is None):
+            raise ValueError("a client needs exactly one of host and network")
+        if self.network is not None:
+            ipaddress.ip_network(self.network, strict=False)  # ValueError names the problem
+        return self
+
+
+class ForwardSecurity(Strict):
+    """Fluentd's <security>: clients authenticate with the HELO/PING/PONG handshake before
+    sending events (out_forward's <security>, Fluent Bit's Shared_Key)."""
+
+    self_hostname: str = Field(min_length=1, description="Our name in the handshake.")
+    shared_key: str = Field(
+        min_length=1, description="Shared key; write it as \"${FORWARD_SHARED_KEY}\"."
+    )
+    user_auth: bool = Field(False, description="Also require a username and password.")
+    allow_anonymous_source: bool = Field(
+        True, description="Accept clients not listed in clients."
+    )
+    users: list[ForwardUser] = Field(default_factory=list)
+    clients: list[ForwardClient] = Field(default_factory=list)
+    handshake_timeout: Duration = Field(
+        10.0, gt=0, description="A client must complete the handshake within this long."
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> ForwardSecurity:
+        if self.user_auth and not self.users:
+            raise ValueError("user_auth needs users")
+        if not self.allow_anonymous_source and not self.clients:
+            raise ValueError("allow_anonymous_source = false needs clients")
+        return self
+
+
+class ForwardTls(Strict):
+    """TLS on the forward port (out_forward's transport tls, Fluent Bit's tls on)."""
+
+    cert_path: str | None = Field(None, description="Certificate chain, PEM file.")
+    private_key_path: str | None = Field(None, description="Private key, PEM file.")
+    cert_pem: str | None = Field(
+        None, description="The certificate chain itself, e.g. \"${TLS_CERT_PEM}\" (a secret)."
+    )
+    private_key_pem: str | None = Field(None, description="The private key itself, likewise.")
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = Field("TLSv1.2")
+    ca_path: str | None = Field(None, description="CA bundle that client certificates chain to.")
+    client_cert_auth: bool = Field(False, description="Require a client certificate.")
+
+    @model_validator(mode="after")
+    def _one_source_of_keys(self) -> ForwardTls:
+        files = self.cert_path is not None and self.private_key_path is not None
+        pems = bool(self.cert_pem) and bool(self.private_key_pem)
+        if files == pems:
+            raise ValueError(
+                "give cert_path and private_key_path, or cert_pem and private_key_pem"
+            )
+        if self.client_cert_auth and self.ca_path is None:
+            raise ValueError("client_cert_auth needs ca_path")
+        return self
+
+
 class ForwardSource(Strict):
     """Fluentd forward protocol over TCP, with UDP heartbeats on the same port (as in_forward)."""
 
@@ -55,6 +131,10 @@ class ForwardSource(Strict):
         "aggregator_input_errors_total{reason=message_too_large}.",
     )
     heartbeat: bool = Field(True, description="Answer UDP heartbeats on the same port.")
+    security: ForwardSecurity | None = Field(
+        None, description="Require Fluentd's handshake (shared key, users) before events."
+    )
+    tls: ForwardTls | None = Field(None, description="Speak TLS on the forward port.")
     keepalive_idle: Duration = Field(
         60.0,
         ge=0,

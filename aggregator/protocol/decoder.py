@@ -126,6 +126,18 @@ class ForwardDecoder:
             self._feed_backlog()
 
     def next_message(self) -> Message | None:
+        raw = self.next_raw()
+        if raw is None:
+            return None
+        try:
+            return parse_message(raw[0], raw[1], self._max, self._max_entries)
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+
+    def next_raw(self) -> tuple[Any, int] | None:
+        """The next complete top-level object and its size on the wire, not yet read as a
+        message (the handshake's PING is not one); None when more bytes are needed."""
         self._check_alive()
         try:
             while True:
@@ -144,7 +156,7 @@ class ForwardDecoder:
                 nbytes = end - self._start
                 self._start = end
                 if obj is not None:  # nil is a heartbeat
-                    return parse_message(obj, nbytes, self._max, self._max_entries)
+                    return obj, nbytes
         except ProtocolError as exc:
             self._error = exc
             raise

@@ -22,8 +22,10 @@ moment, because a client that is not reading cannot tell a closed connection fro
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
+import socket
 import time
 from typing import Any, cast
 
@@ -32,9 +34,11 @@ from aggregator.config.model import ForwardSource, Server
 from aggregator.logs import Throttle
 from aggregator.pipeline import Outcome, Pipeline
 from aggregator.protocol import Batch, ForwardDecoder, ProtocolError, encode_ack
+from aggregator.protocol.handshake import Client, Security, ServerHandshake, User
 from aggregator.sources import Listener
 from aggregator.sources.connections import ConnectionSet
 from aggregator.sources.tcp import reset_if_drained, reset_now, set_keepalive
+from aggregator.sources.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,7 @@ class ForwardConnection(asyncio.Protocol):
         self._closing: str | None = None  # why we are closing: at the first safe moment
         self._discarding = False  # FIN sent after the last ack: the rest is not ours to take
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._handshake: ServerHandshake | None = None  # until the client has authenticated
         self._m_events = metrics.tally(metrics.INPUT_EVENTS.labels(server.settings.name))
         self._m_bytes = metrics.tally(metrics.INPUT_BYTES.labels(server.settings.name))
 
@@ -116,6 +121,13 @@ class ForwardConnection(asyncio.Protocol):
         sock = self._transport.get_extra_info("socket")
         if sock is not None:
             set_keepalive(sock, settings)
+        security = self._server.security
+        if security is not None and settings.security is not None:
+            address = peer[0] if isinstance(peer, tuple) else ""
+            self._handshake = ServerHandshake(security, address)
+            self._transport.write(self._handshake.helo())
+            self._later("handshake", settings.security.handshake_timeout, self._refuse,
+                        "handshake_timeout", "no handshake in time")  # fmt: skip
         if settings.max_connection_age is not None:
             age = settings.max_connection_age
             age *= 1 - random.random() * settings.max_connection_age_jitter
@@ -139,6 +151,8 @@ class ForwardConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self._refuse(exc.reason, str(exc))
             return
+        if self._handshake is not None and not self._shake():
+            return
         if self._pending is None:
             self._process()
         if self._decoder.pending_bytes:
@@ -155,6 +169,36 @@ class ForwardConnection(asyncio.Protocol):
             # big read, step aside until the next loop iteration.
             flow.pause("yield")
             asyncio.get_running_loop().call_soon(flow.resume, "yield")
+
+    def _shake(self) -> bool:
+        """Go on with the handshake; True once the client has authenticated."""
+        handshake, transport = self._handshake, self._transport
+        assert handshake is not None and transport is not None
+        if handshake.failed:
+            return False  # closing: nothing the client sends now is read
+        try:
+            raw = self._decoder.next_raw()
+        except ProtocolError as exc:
+            self._refuse(exc.reason, str(exc))
+            return False
+        if raw is None:
+            return False
+        transport.write(handshake.receive(raw[0]))
+        if handshake.failed:
+            metrics.INPUT_ERRORS.labels(self._server.settings.name, "auth_failed").inc()
+            if refused := self._server.auth_warning.hit():
+                log.warning(
+                    "refusing client: authentication failed",
+                    extra={"source": self._server.settings.name, "peer": self._peer,
+                           "hostname": handshake.client_hostname, "reason": handshake.failure,
+                           "refused_since_last_line": refused},
+                )  # fmt: skip
+            transport.close()  # after the PONG that says why
+            return False
+        self._handshake = None
+        if (timer := self._timers.pop("handshake", None)) is not None:
+            timer.cancel()
+        return True
 
     def pause_writing(self) -> None:
         assert self._flow is not None
@@ -264,7 +308,10 @@ class ForwardConnection(asyncio.Protocol):
             return  # a message is in progress or waits for buffer room
         if self.uses_acks:
             self._discarding = True
-            transport.write_eof()  # sent once the acks already written are
+            if transport.can_write_eof():
+                transport.write_eof()  # sent once the acks already written are
+            else:  # TLS: close_notify and FIN once the acks are written
+                transport.close()
             self._count_close("fin")
             return
         sock = transport.get_extra_info("socket")
@@ -308,6 +355,23 @@ class ForwardConnection(asyncio.Protocol):
         self._timers[name] = asyncio.get_running_loop().call_later(delay, callback, *args)
 
 
+def security_of(settings: ForwardSource) -> Security | None:
+    """The handshake's settings, with clients' host names resolved (once, at start)."""
+    config = settings.security
+    if config is None:
+        return None
+    clients = []
+    for client in config.clients:
+        network = client.network or f"{socket.gethostbyname(client.host or '')}"
+        clients.append(Client(ipaddress.ip_network(network, strict=False), client.shared_key,
+                              tuple(client.users)))  # fmt: skip
+    return Security(
+        config.self_hostname, config.shared_key, config.user_auth,
+        config.allow_anonymous_source,
+        tuple(User(u.username, u.password) for u in config.users), tuple(clients),
+    )  # fmt: skip
+
+
 class _HeartbeatProtocol(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self._transport: asyncio.DatagramTransport | None = None
@@ -329,6 +393,8 @@ class ForwardServer:
         self.bad_input_warning = Throttle(BAD_INPUT_WARNING_INTERVAL)
         self.cut_message_warning = Throttle(BAD_INPUT_WARNING_INTERVAL)
         self.refused_warning = Throttle(BAD_INPUT_WARNING_INTERVAL)
+        self.auth_warning = Throttle(BAD_INPUT_WARNING_INTERVAL)
+        self.security = security_of(settings)
         self._m_refused = metrics.CONNECTIONS_REFUSED.labels(settings.name)
         self._server: asyncio.Server | None = None
         self._heartbeat: asyncio.DatagramTransport | None = None
@@ -351,14 +417,15 @@ class ForwardServer:
 
     async def start(self, listener: Listener | None = None) -> None:
         loop = asyncio.get_running_loop()
+        tls = server_context(self.settings.tls) if self.settings.tls is not None else None
         if listener is not None:
             self._server = await loop.create_server(
-                lambda: ForwardConnection(self), sock=listener.tcp
+                lambda: ForwardConnection(self), sock=listener.tcp, ssl=tls
             )
         else:
             self._server = await loop.create_server(
                 lambda: ForwardConnection(self), self.settings.bind, self.settings.port,
-                reuse_address=True,
+                reuse_address=True, ssl=tls,
             )  # fmt: skip
         if self.settings.heartbeat:
             if listener is not None and listener.udp is not None:
