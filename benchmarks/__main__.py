@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aggregator.config.units import parse_size
 from aggregator.emulator.__main__ import add_fault_arguments
-from benchmarks import connections, redeploy, sizing
+from benchmarks import abuse, connections, redeploy, sizing
 from benchmarks.config import RunConfig
 from benchmarks.runner import run_benchmark
 from benchmarks.templates import MODES
@@ -147,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the aggregator package of this checkout instead (a before/after)",
     )
 
+    hostile = commands.add_parser(
+        "abuse",
+        help="hostile input beside honest senders: crashes, memory, losses",
+        description="Malformed frames, amplification, slowloris, unread acks and idle "
+        "connections at once, with acked honest senders. Exit status 1 when a worker died or "
+        "an honest event was lost.",
+    )
+    hostile.add_argument("--frames", type=_positive_int, default=1_000_000)
+    hostile.add_argument("--duration", type=float, default=30.0, help="seconds (%(default)s)")
+    hostile.add_argument("--workers", type=_positive_int, default=1)
+
     size = commands.add_parser(
         "size",
         help="turn per-core figures into a Fargate task count",
@@ -222,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "connections":
             print(connections.measure(args.connections, burst).render())
             return 0
+        if args.command == "abuse":
+            outcome = abuse.run(args.frames, args.duration, args.workers)
+            print(outcome.render())
+            return outcome.exit_status
         if args.command == "redeploy":
             result = redeploy.measure(
                 args.stops, args.plain_clients, args.acked_clients, args.interval,

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,15 +176,26 @@ class Service:
                 continue
         return sizes
 
-    def metrics(self) -> dict[str, float]:
-        """Every sample of GET /metrics summed over its labels, by sample name."""
+    def _samples(self) -> Iterator[Any]:
         url = f"http://127.0.0.1:{self.http_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
-        totals: dict[str, float] = defaultdict(float)
         for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                totals[sample.name] += sample.value
+            yield from family.samples
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of GET /metrics summed over its labels, by sample name."""
+        totals: dict[str, float] = defaultdict(float)
+        for sample in self._samples():
+            totals[sample.name] += sample.value
+        return dict(totals)
+
+    def metrics_by_label(self, name: str, label: str) -> dict[str, float]:
+        """The samples called ``name`` summed by the value of one of their labels."""
+        totals: dict[str, float] = defaultdict(float)
+        for sample in self._samples():
+            if sample.name == name:
+                totals[sample.labels.get(label, "")] += sample.value
         return dict(totals)
 
     def has_finished(self, sent_events: int) -> bool:
