@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "abuse",
         help="hostile input beside honest senders: crashes, memory, losses",
         description="Malformed frames, amplification, slowloris, unread acks and idle "
-        "connections at once, with acked honest senders. Exit status 1 when a worker died or "
-        "an honest event was lost.",
+        "connections at once, with acked honest senders. Exit status 1 when a worker died, an "
+        "honest event was lost, or a worker's memory went past its documented bound.",
     )
     hostile.add_argument("--frames", type=_positive_int, default=1_000_000)
     hostile.add_argument("--duration", type=float, default=30.0, help="seconds (%(default)s)")

@@ -11,8 +11,9 @@ All at once, for ``--duration`` seconds, against one running service:
 - honest senders: acked Forward messages with ids, to a Firehose emulator.
 
 It reports crashes (worker restarts, watchdog kills), each worker's peak RSS against the
-buffers' limits, the counted input errors, and whether the honest senders lost anything. Exit
-status 1 when a worker died or an honest event was lost.
+documented bound (the buffers' limits, the idle worker, its open connections, one message being
+decoded), the counted input errors, and whether the honest senders lost anything. Exit status 1
+when a worker died, an honest event was lost, or a worker went past the bound.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from benchmarks.service import Service, firehose_route, sources
 STREAM = "honest"
 BUFFER_LIMIT = 64 * MIB
 """total_limit_size of each of the two destinations."""
+PER_CONNECTION = 50 * 1024
+"""What an open, idle connection costs a worker (``python -m benchmarks connections``)."""
+MESSAGE_DECODE = 15 * MIB
+"""At most one message decoded at a time: message_entries_limit (100,000) x ~150 B."""
 
 
 def config(endpoint: str, workers: int) -> str:
@@ -248,19 +253,28 @@ class AbuseResult:
 
     @property
     def exit_status(self) -> int:
-        return 1 if self.restarts or self.watchdog_kills or self.honest_lost else 0
+        failed = self.restarts or self.watchdog_kills or self.honest_lost
+        return 1 if failed or not self.within_bound else 0
+
+    @property
+    def within_bound(self) -> bool:
+        held = self.tally.get("idle connections", 0) + self.tally.get("slowloris connections", 0)
+        allowed = 2 * BUFFER_LIMIT + self.baseline_rss + held * PER_CONNECTION + MESSAGE_DECODE
+        return all(rss <= allowed for rss in self.peak_rss.values())
 
     def render(self) -> str:
         rows = ["attacks"]
         rows += [f"  {name:<58} {n:>12,}" for name, n in sorted(self.tally.items())]
         rows.append("input errors counted (aggregator_input_errors_total)")
         rows += [f"  {reason:<58} {int(n):>12,}" for reason, n in sorted(self.input_errors.items())]
-        allowed = 2 * BUFFER_LIMIT + self.baseline_rss
+        held = self.tally.get("idle connections", 0) + self.tally.get("slowloris connections", 0)
+        allowed = 2 * BUFFER_LIMIT + self.baseline_rss + held * PER_CONNECTION + MESSAGE_DECODE
         peaks = ", ".join(f"{rss / MIB:,.0f}" for rss in self.peak_rss.values())
         rows += [
             f"workers: {int(self.restarts)} restarts, {int(self.watchdog_kills)} watchdog kills",
-            f"peak RSS per worker: {peaks} MiB (buffers' limits 2 x {BUFFER_LIMIT / MIB:.0f} MiB "
-            f"+ the idle worker's {self.baseline_rss / MIB:.0f} MiB = {allowed / MIB:.0f} MiB)",
+            f"peak RSS per worker: {peaks} MiB; the documented bound: buffers 2 x "
+            f"{BUFFER_LIMIT / MIB:.0f} + idle worker {self.baseline_rss / MIB:.0f} + {held} open "
+            f"connections x 50 KiB + one message's decode 15 = {allowed / MIB:.0f} MiB",
             f"honest senders: {self.honest_sent:,} acked, {self.honest_delivered:,} delivered, "
             f"{self.honest_lost:,} lost, {self.honest_duplicated:,} duplicated",
         ]
