@@ -37,6 +37,19 @@ def config(quiet: float = 10, drain_timeout: float = 2, **forward: Any) -> Confi
     })  # fmt: skip
 
 
+def small_buffer_config(endpoint: str, **forward: Any) -> Config:
+    """Everything to a Firehose at ``endpoint`` through an 8 KiB buffer: a stalled emulator
+    blocks the senders at once."""
+    return Config.model_validate({
+        "sources": [{"type": "forward", "bind": "127.0.0.1", "port": 0, **forward}],
+        "routes": [{"match": "**", "destination": "fh"}],
+        "destinations": {"fh": {
+            "type": "firehose", "delivery_stream": "s", "region": "us-east-1",
+            "endpoint_url": endpoint,
+            "buffer": {"chunk_limit_size": "4KiB", "total_limit_size": "8KiB"}}},
+    })  # fmt: skip
+
+
 @asynccontextmanager
 async def serve(cfg: Config) -> AsyncIterator[ForwardServer]:
     pipeline = Pipeline(cfg)
@@ -234,15 +247,7 @@ def test_an_unencodable_event_while_blocked_on_a_full_buffer_costs_only_itself()
     async def main() -> None:
         with EmulatorThread() as firehose:
             firehose.stall()
-            cfg = Config.model_validate({
-                "sources": [{"type": "forward", "bind": "127.0.0.1", "port": 0}],
-                "routes": [{"match": "**", "destination": "fh"}],
-                "destinations": {"fh": {
-                    "type": "firehose", "delivery_stream": "s", "region": "us-east-1",
-                    "endpoint_url": firehose.endpoint_url,
-                    "buffer": {"chunk_limit_size": "4KiB", "total_limit_size": "8KiB"}}},
-            })  # fmt: skip
-            async with serve(cfg) as server:
+            async with serve(small_buffer_config(firehose.endpoint_url)) as server:
                 deep: dict[str, Any] = {}
                 for _ in range(300):
                     deep = {"d": deep}
@@ -355,15 +360,7 @@ def test_a_connection_we_stopped_reading_is_not_timed_out() -> None:
     async def main() -> None:
         with EmulatorThread() as firehose:
             firehose.stall()
-            cfg = Config.model_validate({
-                "sources": [{"type": "forward", "bind": "127.0.0.1", "port": 0,
-                             "message_timeout": 0.2}],
-                "routes": [{"match": "**", "destination": "fh"}],
-                "destinations": {"fh": {
-                    "type": "firehose", "delivery_stream": "s", "region": "us-east-1",
-                    "endpoint_url": firehose.endpoint_url,
-                    "buffer": {"chunk_limit_size": "4KiB", "total_limit_size": "8KiB"}}},
-            })  # fmt: skip
+            cfg = small_buffer_config(firehose.endpoint_url, message_timeout=0.2)
             async with serve(cfg) as server:
                 messages = [encode_message("app", 1700000000, {"i": i, "pad": "x" * 200})
                             for i in range(400)]  # fmt: skip
