@@ -153,6 +153,13 @@ class ForwardSource(Strict):
         "connection is reset and counted (aggregator_input_errors_total{reason=message_timeout})"
         ": a sender trickling bytes (slowloris) cannot hold a connection and its buffer forever.",
     )
+    idle_timeout: Duration | None = Field(
+        3600.0,
+        gt=0,
+        description="Close a connection silent this long, at that safe moment (a client "
+        "without acks sends its next line again on a new connection, one with acks gets FIN "
+        "after its last ack). Unset: never. Idle connections hold a descriptor and ~50 KiB.",
+    )
     max_connections: int = Field(
         10_000,
         ge=1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
 from aggregator import metrics
@@ -29,6 +30,9 @@ class ConnectionSet(Generic[C]):
 
     def __len__(self) -> int:
         return len(self._connections)
+
+    def __iter__(self) -> Iterator[C]:
+        return iter(list(self._connections))  # a copy: closing one changes the set
 
     def add(self, conn: C) -> None:
         self._connections.add(conn)

@@ -398,6 +398,7 @@ class ForwardServer:
         self._m_refused = metrics.CONNECTIONS_REFUSED.labels(settings.name)
         self._server: asyncio.Server | None = None
         self._heartbeat: asyncio.DatagramTransport | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     def refuse_connection(self, peer: str) -> None:
         self._m_refused.inc()
@@ -436,12 +437,26 @@ class ForwardServer:
                 self._heartbeat, _ = await loop.create_datagram_endpoint(
                     _HeartbeatProtocol, local_addr=(self.settings.bind, self.port)
                 )
+        if self.settings.idle_timeout is not None:
+            self._sweeper = loop.create_task(self._close_idle(self.settings.idle_timeout))
         log.info(
             "forward input listening",
             extra={"source": self.settings.name, "bind": self.settings.bind, "port": self.port},
         )
 
+    async def _close_idle(self, timeout: float) -> None:
+        """Close connections silent for ``timeout``; a sweep, not a timer per read, which would
+        cost every read of every busy connection."""
+        while True:
+            await asyncio.sleep(max(0.05, timeout / 4))
+            now = time.monotonic()
+            for conn in self.connections:
+                if now - conn.last_activity > timeout:
+                    conn.begin_close("idle")
+
     def stop_accepting(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         if self._heartbeat is not None:

@@ -398,3 +398,26 @@ def test_connections_over_max_connections_are_refused_counted_and_logged_once(
         run(main)
     refusals = [r for r in caplog.records if r.getMessage().startswith("refusing connection")]
     assert len(refusals) == 1
+
+
+def test_idle_connections_are_closed_safely_and_busy_ones_kept() -> None:
+    async def main() -> None:
+        async with serve(config(quiet=0.1, idle_timeout=0.4)) as server:
+            before = closes("reset", cause="idle")
+            with socket.create_connection(("127.0.0.1", server.port)) as idle, \
+                 socket.create_connection(("127.0.0.1", server.port)) as busy:  # fmt: skip
+                idle.sendall(message(1))
+                await until(lambda: len(server.connections) == 2)
+                sent = 0
+                while len(server.connections) == 2 and sent < 60:  # busy: never 0.4 s silent
+                    busy.sendall(message(100 + sent))
+                    sent += 1
+                    await asyncio.sleep(0.05)
+                assert len(server.connections) == 1 and sent >= 8  # 0.4 s at least
+                with pytest.raises(OSError):  # reset: its next line goes elsewhere
+                    idle.sendall(message(2))
+                busy.sendall(message(999))
+                await until(lambda: buffered(server) == 1 + sent + 1)
+            assert closes("reset", cause="idle") == before + 1
+
+    run(main)
