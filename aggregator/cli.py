@@ -8,17 +8,32 @@ from collections.abc import Sequence
 
 from aggregator import __version__, logs, process
 from aggregator.config import Config, ConfigError, load
-from aggregator.config.model import FileDestination, FirehoseDestination
+from aggregator.config.model import FileDestination, FirehoseDestination, ForwardSource, Source
 from aggregator.process import EXIT_CONFIG, EXIT_OK
 
 DEFAULT_CONFIG = "conf/aggregator.toml"
+
+
+def _guards(src: Source) -> str:
+    """What a source asks of its clients, so that a locked-down config can be seen to be."""
+    if isinstance(src, ForwardSource):
+        guards = ["tls" + (" + client certificates" if src.tls.client_cert_auth else "")
+                  if src.tls else "no tls"]  # fmt: skip
+        if src.security is not None:
+            guards.append("handshake: shared key" + (", users" if src.security.user_auth else "")
+                          + ("" if src.security.allow_anonymous_source else ", listed clients"))
+        else:
+            guards.append("no handshake")
+        return "  (" + "; ".join(guards) + ")"
+    token = "control token" if src.control_token else "no control token: flush from this host only"
+    return f"  ({token})"
 
 
 def describe(config: Config) -> str:
     """The routing table and destinations, as ``check`` prints them."""
     lines = ["sources:"]
     for src in config.sources:
-        lines.append(f"  {src.name:<12} {src.type:<8} {src.bind}:{src.port}")
+        lines.append(f"  {src.name:<12} {src.type:<8} {src.bind}:{src.port}{_guards(src)}")
     lines.append("routes (first match wins):")
     for i, route in enumerate(config.routes, 1):
         lines.append(f"  {i:>2}. {route.match!r:<32} -> {route.destination}")

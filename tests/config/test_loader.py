@@ -128,3 +128,37 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     err = capsys.readouterr().err
     assert "server.stop_timeout" in err
     assert main(["check", "-c", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_check_shows_what_each_source_asks_of_its_clients(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = tmp_path / "plain.toml"
+    plain.write_text(MINIMAL + '\n[[sources]]\ntype = "http"\n')
+    assert main(["check", "-c", str(plain)]) == 0
+    out = capsys.readouterr().out
+    assert "(no tls; no handshake)" in out and "no control token" in out
+    locked = tmp_path / "locked.toml"
+    security = ('security = { self_hostname = "agg", shared_key = "k", user_auth = true, '
+                'users = [{ username = "u", password = "p" }] }')
+    locked.write_text(MINIMAL.replace('type = "forward"', f'''type = "forward"
+{security}
+tls = {{ cert_path = "c.pem", private_key_path = "k.pem" }}''') + '''
+[[sources]]
+type = "http"
+control_token = "t"
+''')
+    assert main(["check", "-c", str(locked)]) == 0
+    out = capsys.readouterr().out
+    assert "(tls; handshake: shared key, users)" in out and "(control token)" in out
+
+
+def test_security_and_tls_settings_that_cannot_work_are_refused() -> None:
+    assert "user_auth needs users" in error_of(MINIMAL.replace(
+        'type = "forward"', 'type = "forward"\nsecurity = { self_hostname = "a", '
+        'shared_key = "k", user_auth = true }'))  # fmt: skip
+    assert "cert_path and private_key_path" in error_of(MINIMAL.replace(
+        'type = "forward"', 'type = "forward"\ntls = { cert_path = "c.pem" }'))  # fmt: skip
+    assert "exactly one of host and network" in error_of(MINIMAL.replace(
+        'type = "forward"', 'type = "forward"\nsecurity = { self_hostname = "a", '
+        'shared_key = "k", clients = [{}] }'))  # fmt: skip
