@@ -21,6 +21,21 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 """Bytes; written as a number of bytes or a string such as "64KiB", "1MiB", "2GiB"."""
 
+
+def _blank_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+BlankIsUnset = Annotated[str | None, BeforeValidator(_blank_is_none)]
+"""An optional string where "" means unset: what "${VAR:-}" expands to when VAR is not set."""
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"handoff: expected host:port, got {text!r}")
+    return host.strip("[]"), int(port)
+
 FIREHOSE_MAX_RECORD_BYTES = 1_000 * 1024
 """Firehose refuses a record larger than 1,000 KiB (before base64)."""
 
@@ -189,7 +204,7 @@ class HttpSource(Strict):
     bind: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8888, ge=0, le=65535, description="TCP port; 0 = any.")
     body_size_limit: Size = Field(32 * 1024 * 1024, description="Largest request body accepted.")
-    control_token: str | None = Field(
+    control_token: BlankIsUnset = Field(
         None,
         description="Bearer token that POST /api/flush and GET /metrics require (write it as "
         "\"${CONTROL_TOKEN}\" to take it from the environment). Unset: /api/flush answers only "
@@ -213,13 +228,6 @@ class HttpSource(Strict):
         description="Most events in one request, and items in any msgpack array or map in it "
         "(checked before they are decoded): over it, 400.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_token_is_none(cls, data: object) -> object:  # "${CONTROL_TOKEN:-}"
-        if isinstance(data, dict) and data.get("control_token") == "":
-            data = {**data, "control_token": None}
-        return data
 
 
 Source = Annotated[ForwardSource | HttpSource, Field(discriminator="type")]
@@ -316,10 +324,10 @@ class FirehoseDestination(DestinationBase):
 
     type: Literal["firehose"]
     delivery_stream: str = Field(min_length=1, description="Delivery stream name.")
-    region: str | None = Field(
+    region: BlankIsUnset = Field(
         None, description="AWS region; unset: the standard chain (AWS_REGION...)."
     )
-    endpoint_url: str | None = Field(
+    endpoint_url: BlankIsUnset = Field(
         None, description="Custom endpoint (an emulator, a VPC endpoint); empty: AWS default."
     )
     aggregate: bool = Field(
@@ -341,15 +349,6 @@ class FirehoseDestination(DestinationBase):
         "given up on may still have been accepted, and its records are then sent again: "
         "delivery is at least once, so keep this well above the service's slowest answers.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_endpoint_is_default(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("endpoint_url") == "":
-            data = {**data, "endpoint_url": None}
-        if isinstance(data, dict) and data.get("region") == "":
-            data = {**data, "region": None}
-        return data
 
 
 class FileDestination(DestinationBase):
@@ -410,7 +409,7 @@ class Server(Strict):
         description="On stop: a connection silent this long is closed at once; a busy one is "
         "closed right after its next read.",
     )
-    handoff: str | None = Field(
+    handoff: BlankIsUnset = Field(
         None,
         description="host:port of a forward-protocol server that takes what the stop cannot "
         "deliver in time (on ECS: the service's own NLB name, which reaches the tasks still "
@@ -424,28 +423,6 @@ class Server(Strict):
         description="Worker processes (default: the CPUs this process may use; on Fargate, the "
         "task's vCPUs). `aggregator run --workers N` overrides it.",
     )
-    @property
-    def handoff_address(self) -> tuple[str, int] | None:
-        if self.handoff is None:
-            return None
-        host, _, port = self.handoff.rpartition(":")
-        return host.strip("[]"), int(port)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_handoff_is_none(cls, data: object) -> object:  # "${HANDOFF_ADDRESS:-}"
-        if isinstance(data, dict) and data.get("handoff") == "":
-            data = {**data, "handoff": None}
-        return data
-
-    @model_validator(mode="after")
-    def _handoff_is_host_port(self) -> Server:
-        if self.handoff is not None:
-            host, sep, port = self.handoff.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"handoff: expected host:port, got {self.handoff!r}")
-        return self
-
     worker_watchdog_timeout: Duration = Field(
         30.0,
         ge=2,
@@ -460,6 +437,16 @@ class Server(Strict):
         description="GET /api/health answers 503 when any worker's buffer for any destination "
         "is fuller than this fraction of its total_limit_size.",
     )
+
+    @property
+    def handoff_address(self) -> tuple[str, int] | None:
+        return None if self.handoff is None else _host_port(self.handoff)
+
+    @model_validator(mode="after")
+    def _handoff_is_host_port(self) -> Server:
+        if self.handoff is not None:
+            _host_port(self.handoff)
+        return self
 
 
 class Config(Strict):
