@@ -76,7 +76,10 @@ class Chunk:
     pending: list[bytes] | None = None
     """Lines still to deliver after an attempt that delivered some (None: all of them)."""
     retry: RetryState = field(default_factory=RetryState)
-    retry_at: float = 0.0
+
+    @property
+    def undelivered(self) -> list[bytes]:
+        return self.lines if self.pending is None else self.pending
 
 
 def _memory(chunk: Chunk) -> int:
@@ -172,7 +175,7 @@ class Buffer:
         chunks = [*self._ready, *(c for _, _, c in self._waiting), *self._delivering.values()]
         if self._open is not None:
             chunks.append(self._open)
-        return sum(len(c.lines if c.pending is None else c.pending) for c in chunks)
+        return sum(len(c.undelivered) for c in chunks)
 
     def has_room(self) -> bool:
         return self._bytes < self.settings.total_limit_size
@@ -236,7 +239,7 @@ class Buffer:
             return False
         chunk = self._ready.popleft()
         self._chunks -= 1
-        lines = chunk.lines if chunk.pending is None else chunk.pending
+        lines = chunk.undelivered
         log.warning(
             "buffer full: dropped the oldest chunk",
             extra={"destination": self.name, "events": len(lines)},
@@ -312,8 +315,9 @@ class Buffer:
         self._ready.clear()
         self._waiting.clear()
         for chunk in queued:
-            lines = chunk.lines if chunk.pending is None else chunk.pending
-            self._give_up(chunk, lines, SHUTDOWN_DEADLINE, "not delivered before the deadline")
+            self._give_up(
+                chunk, chunk.undelivered, SHUTDOWN_DEADLINE, "not delivered before the deadline"
+            )
             self._finish(chunk)
 
     def _publish_state(self) -> None:
@@ -329,9 +333,7 @@ class Buffer:
 
     async def _deliver(self, chunk: Chunk) -> None:
         """One attempt at ``chunk``: then it is done, handed on, or waits for its next turn."""
-        reason, detail, pending = await self._attempt(
-            chunk.lines if chunk.pending is None else chunk.pending
-        )
+        reason, detail, pending = await self._attempt(chunk.undelivered)
         if not pending:
             self._finish(chunk)
             return
@@ -355,8 +357,7 @@ class Buffer:
                     "retries_since_last_line": retries,
                 },
             )
-        chunk.retry_at = now + decision.delay
-        heapq.heappush(self._waiting, (chunk.retry_at, next(self._order), chunk))
+        heapq.heappush(self._waiting, (now + decision.delay, next(self._order), chunk))
 
     def _finish(self, chunk: Chunk) -> None:
         self._chunks -= 1

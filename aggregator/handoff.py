@@ -36,7 +36,6 @@ RECONNECT_DELAY = 0.2
 class Parcel:
     """One forward message of the hand-off."""
 
-    tag: str
     count: int
     payload: bytes
     chunk: str
@@ -46,7 +45,7 @@ class Parcel:
     def of(cls, tag: str, entries: Sequence[Sequence[Any]]) -> Parcel:
         chunk = new_chunk_id()
         payload = encode_packed_forward(tag, entries, chunk=chunk, compressed=True)
-        return cls(tag, len(entries), payload, chunk)
+        return cls(len(entries), payload, chunk)
 
 
 async def hand_off(address: tuple[str, int], parcels: Sequence[Parcel], until: float) -> None:

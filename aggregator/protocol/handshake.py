@@ -24,7 +24,7 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -55,7 +55,7 @@ class Security:
     user_auth: bool = False
     allow_anonymous_source: bool = True
     users: tuple[User, ...] = ()
-    clients: tuple[Client, ...] = field(default_factory=tuple)
+    clients: tuple[Client, ...] = ()
 
     def client_for(self, address: str) -> Client | None:
         try:
@@ -111,11 +111,7 @@ class ServerHandshake:
         return self.state is State.FAILED
 
     def helo(self) -> bytes:
-        packed: bytes = msgpack.packb(
-            ["HELO", {"nonce": self._nonce, "auth": self._auth_salt, "keepalive": True}],
-            use_bin_type=True,
-        )
-        return packed
+        return _pack(["HELO", {"nonce": self._nonce, "auth": self._auth_salt, "keepalive": True}])
 
     def receive(self, message: Any) -> bytes:
         """The reply to the client's PING: a PONG either way."""

@@ -158,8 +158,8 @@ class ForwardConnection(asyncio.Protocol):
         if self._decoder.pending_bytes:
             if "message" not in self._timers:  # the first byte of a message: its clock starts
                 self._later("message", self._server.settings.message_timeout, self._timed_out)
-        elif "message" in self._timers:
-            self._timers.pop("message").cancel()
+        else:
+            self._cancel("message")
         if self._closing is not None:
             self._close_if_safe()
         flow = self._flow
@@ -196,8 +196,7 @@ class ForwardConnection(asyncio.Protocol):
             transport.close()  # after the PONG that says why
             return False
         self._handshake = None
-        if (timer := self._timers.pop("handshake", None)) is not None:
-            timer.cancel()
+        self._cancel("handshake")
         return True
 
     def pause_writing(self) -> None:
@@ -261,7 +260,7 @@ class ForwardConnection(asyncio.Protocol):
         if self._flow is not None and self._flow.paused:  # we are the ones not reading
             self._later("message", timeout, self._timed_out)
             return
-        self._timers.pop("message", None)
+        self._cancel("message")
         self._refuse("message_timeout", f"a message was not complete {timeout:g} s after it began")
 
     def _refuse(self, reason: str, detail: str) -> None:
@@ -274,8 +273,7 @@ class ForwardConnection(asyncio.Protocol):
                        "connections_since_last_line": connections},
             )  # fmt: skip
         if self._transport is not None:
-            if self._pending is not None:
-                self._pipeline.abandon(self._pending.tag, len(self._pending.entries), reason)
+            self._abandon_pending(reason)
             self._transport.abort()
 
     # --- closing at a safe moment --------------------------------------------------------
@@ -329,8 +327,7 @@ class ForwardConnection(asyncio.Protocol):
         if self._discarding:  # acked and FIN sent; the client just never closed its side
             transport.abort()
             return
-        if self._pending is not None:
-            self._pipeline.abandon(self._pending.tag, len(self._pending.entries), "closed_blocked")
+        self._abandon_pending("closed_blocked")
         if self._decoder.pending_bytes and (
             connections := self._server.cut_message_warning.hit()
         ):
@@ -346,13 +343,21 @@ class ForwardConnection(asyncio.Protocol):
         transport.abort()
         self._count_close("forced")
 
+    def _abandon_pending(self, reason: str) -> None:
+        """The batch waiting for buffer room goes with its connection: count it."""
+        if self._pending is not None:
+            self._pipeline.abandon(self._pending.tag, len(self._pending.entries), reason)
+
     def _count_close(self, how: str) -> None:
         metrics.CONNECTIONS_CLOSED.labels(self._server.settings.name, self._closing, how).inc()
 
     def _later(self, name: str, delay: float, callback: Any, *args: Any) -> None:
-        if (previous := self._timers.get(name)) is not None:
-            previous.cancel()
+        self._cancel(name)
         self._timers[name] = asyncio.get_running_loop().call_later(delay, callback, *args)
+
+    def _cancel(self, name: str) -> None:
+        if (timer := self._timers.pop(name, None)) is not None:
+            timer.cancel()
 
 
 def security_of(settings: ForwardSource) -> Security | None:
@@ -362,7 +367,7 @@ def security_of(settings: ForwardSource) -> Security | None:
         return None
     clients = []
     for client in config.clients:
-        network = client.network or f"{socket.gethostbyname(client.host or '')}"
+        network = client.network or socket.gethostbyname(client.host or "")
         clients.append(Client(ipaddress.ip_network(network, strict=False), client.shared_key,
                               tuple(client.users)))  # fmt: skip
     return Security(
