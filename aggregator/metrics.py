@@ -111,7 +111,7 @@ CONNECTIONS_REFUSED = Counter(
 )
 CONNECTIONS_CLOSED = Counter(
     "aggregator_connections_closed",
-    "Client connections the server closed, by source and why (stop, max_age) and how: "
+    "Client connections the server closed, by source and why (stop, max_age, idle) and how: "
     "reset (no acks used: RST right after a read), fin (after the last ack), forced (no safe "
     "moment came within drain_timeout).",
     ["source", "cause", "how"],

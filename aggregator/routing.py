@@ -18,10 +18,10 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 CACHE_LIMIT = 10_000
+"""Tags remembered; a sender inventing tags cannot grow memory past this."""
 CACHED_TAG_MAX_LENGTH = 256
 """Longer tags are routed but not cached: with CACHE_LIMIT this bounds the cache to a few MB
 (1,000 distinct 1 MiB tags from one sender pinned 1 GB). Docker's tags are under 80."""
-"""Tags remembered; a sender inventing tags cannot grow memory past this."""
 
 
 class PatternError(ValueError):

@@ -42,8 +42,6 @@ STABLE_UPTIME = 10.0
 """A worker that dies is restarted at once. One that dies again within this many seconds of its
 start waits a backoff first, doubling each time: a worker that cannot start must not spin."""
 
-
-
 FLUSH_COALESCE = 0.25
 """Seconds in which flush requests (SIGUSR1) are one fan-out to the workers: a storm of
 /api/flush reaches every worker at once, and each asks here; an operator's signal a moment

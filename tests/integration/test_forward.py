@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     read_ndjson,
     wait_for,
 )
+from tests.test_formatting import deep
 
 
 @pytest.fixture
@@ -155,13 +156,6 @@ def test_bad_input_closes_only_that_connection(agg: Aggregator) -> None:
     assert not any(e["tag"] == "t" for e in events)
 
 
-def nested(levels: int) -> dict[str, object]:
-    record: dict[str, object] = {"i": -3}
-    for _ in range(levels):
-        record = {"d": record}
-    return record
-
-
 def test_one_bad_event_costs_only_itself(agg: Aggregator) -> None:
     """200 good Message-mode events, a NaN time, a record that is not a map, one nested past
     JSON's limit, a binary key, then 50 good: in one write, the last one asking for an ack."""
@@ -169,7 +163,7 @@ def test_one_bad_event_costs_only_itself(agg: Aggregator) -> None:
     bad = [
         encode_message("app", float("nan"), {"i": -1}),
         msgpack.packb(["app", 1700000000, "not a map"]),
-        encode_message("app", 1700000000, nested(300)),
+        encode_message("app", 1700000000, deep(300)),
     ]
     binary_key = msgpack.packb(["app", 1700000000, {b"i": 1000}], use_bin_type=True)
     more = [encode_message("app", 1700000000, {"i": i}) for i in range(300, 349)]

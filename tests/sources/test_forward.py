@@ -25,6 +25,7 @@ from aggregator.protocol import encode_message
 from aggregator.sources.forward import ACK_HIGH_WATER, ForwardServer
 from aggregator.sources.tcp import unread_bytes
 from benchmarks.docker_client import DockerLikeClient
+from tests.test_formatting import deep
 
 
 def config(quiet: float = 10, drain_timeout: float = 2, **forward: Any) -> Config:
@@ -248,16 +249,13 @@ def test_an_unencodable_event_while_blocked_on_a_full_buffer_costs_only_itself()
         with EmulatorThread() as firehose:
             firehose.stall()
             async with serve(small_buffer_config(firehose.endpoint_url)) as server:
-                deep: dict[str, Any] = {}
-                for _ in range(300):
-                    deep = {"d": deep}
                 filler = [encode_message("app", 1700000000, {"i": i, "pad": "x" * 200})
                           for i in range(100)]  # fmt: skip
                 chunk = "last"
                 with socket.create_connection(("127.0.0.1", server.port)) as client:
                     client.sendall(b"".join(filler))
                     await until(lambda: not server.pipeline.destinations["fh"].buffer.has_room())
-                    client.sendall(encode_message("app", 1700000000, deep)
+                    client.sendall(encode_message("app", 1700000000, deep(300))
                                    + encode_message("app", 1700000000, {"i": 100}, chunk=chunk))
                     await asyncio.sleep(0.2)
                     firehose.resume()
