@@ -68,9 +68,17 @@ def _key_path(data: Any, loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
+RENAMED = {
+    "shutdown_timeout": "stop_timeout (the platform's kill timer: SIGKILL comes this long after "
+    "SIGTERM, 30 s by default on ECS; the stop now plans to end before it)",
+}
+"""Keys of earlier versions, by name, and what took their place."""
+
+
 def _message(error: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
-        return "unknown key"
+        key = str(error["loc"][-1]) if error.get("loc") else ""
+        return f"unknown key; replaced by {RENAMED[key]}" if key in RENAMED else "unknown key"
     if error["type"] == "missing":
         return "required key is missing"
     msg = str(error["msg"])

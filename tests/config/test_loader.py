@@ -162,3 +162,8 @@ def test_security_and_tls_settings_that_cannot_work_are_refused() -> None:
     assert "exactly one of host and network" in error_of(MINIMAL.replace(
         'type = "forward"', 'type = "forward"\nsecurity = { self_hostname = "a", '
         'shared_key = "k", clients = [{}] }'))  # fmt: skip
+
+
+def test_a_key_of_an_earlier_version_names_its_replacement() -> None:
+    err = error_of(MINIMAL + '\n[server]\nshutdown_timeout = "100s"\n')
+    assert "server.shutdown_timeout: unknown key; replaced by stop_timeout" in err
