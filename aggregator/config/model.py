@@ -222,6 +222,13 @@ class HttpSource(Strict):
         description="A request's body must arrive within this long, or the answer is 408 "
         "(a Content-Length that is never sent must not hold the request forever).",
     )
+    keepalive_timeout: Duration = Field(
+        10.0,
+        gt=0,
+        description="A connection is closed when no request head has arrived this long after "
+        "it opened or after its last answer (in_http's keepalive_timeout, default 10 s). It "
+        "also bounds a request head that trickles in (slowloris).",
+    )
     body_entries_limit: int = Field(
         DEFAULT_MAX_ENTRIES,
         ge=1,

@@ -191,8 +191,13 @@ class HttpServer:
         return app
 
     async def start(self, listener: Listener | None = None) -> None:
-        self._runner = web.AppRunner(self._app(), handle_signals=False, access_log=None,
-                                     shutdown_timeout=self._server.drain_timeout)  # fmt: skip
+        self._runner = web.AppRunner(
+            self._app(), handle_signals=False, access_log=None,
+            shutdown_timeout=self._server.drain_timeout,
+            # aiohttp (>= 3.14.5) arms this timer when a connection opens and again after each
+            # answer, and closes the connection if no complete request head came by then.
+            keepalive_timeout=self.settings.keepalive_timeout,
+        )  # fmt: skip
         await self._runner.setup()
         if listener is not None:
             self._site = web.SockSite(self._runner, listener.tcp)

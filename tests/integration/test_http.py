@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -174,6 +175,52 @@ def test_a_body_that_never_arrives_gets_408_at_body_timeout(
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
     assert agg.metric("aggregator_input_errors_total", reason="body_timeout") == 1
+
+
+def test_a_request_head_must_arrive_within_keepalive_timeout(
+    start_aggregator: StartAggregator,
+) -> None:
+    """Issue 8: request heads trickled at a byte a second held HTTP connections forever."""
+    agg = start_aggregator(
+        FILE_CONFIG.replace("port = {http_port}", 'port = {http_port}\nkeepalive_timeout = "1s"')
+    )
+    head = b"POST /app HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+    with (
+        socket.create_connection(("127.0.0.1", agg.http_port), timeout=10) as trickle,
+        socket.create_connection(("127.0.0.1", agg.http_port), timeout=10) as silent,
+    ):
+        started = time.monotonic()
+        sent = 0
+        while sent < len(head):  # a byte every 0.1 s: the head would take 100 s
+            try:
+                trickle.sendall(head[sent : sent + 1])
+            except OSError:
+                break
+            sent += 1
+            time.sleep(0.1)
+            if not _open(trickle):
+                break
+        assert not _open(trickle) and time.monotonic() - started < 5, sent
+        assert silent.recv(1) == b""  # closed, though it never sent a byte
+    # a client that keeps its connection busy is not affected
+    with socket.create_connection(("127.0.0.1", agg.http_port), timeout=10) as sock:
+        for _ in range(4):
+            sock.sendall(b"GET /app?json=%7B%7D HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(0.5)
+
+
+def _open(sock: socket.socket) -> bool:
+    """Whether the server has not closed ``sock`` (nothing is ever sent to it here)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)
 
 
 def test_the_control_plane_wants_its_token(start_aggregator: StartAggregator) -> None:
