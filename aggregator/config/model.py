@@ -7,11 +7,11 @@ Names follow Fluentd's where Fluentd has the concept (``chunk_limit_size``, ``fl
 from __future__ import annotations
 
 import ipaddress
-import os
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from aggregator.config.cpus import available_cpus
 from aggregator.config.units import parse_duration, parse_size
 from aggregator.protocol.decoder import DEFAULT_MAX_ENTRIES
 
@@ -424,11 +424,12 @@ class Server(Strict):
         "secondary.",
     )
     workers: int = Field(
-        default_factory=lambda: len(os.sched_getaffinity(0)),
+        default_factory=available_cpus,
         ge=1,
         le=256,
-        description="Worker processes (default: the CPUs this process may use; on Fargate, the "
-        "task's vCPUs). `aggregator run --workers N` overrides it.",
+        description="Worker processes (default: the CPUs this process may use: the affinity mask, "
+        "lowered to the cgroup CPU quota rounded up; on Fargate, the task's vCPUs). "
+        "`aggregator run --workers N` overrides it.",
     )
     worker_watchdog_timeout: Duration = Field(
         30.0,
