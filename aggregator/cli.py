@@ -1,9 +1,12 @@
-"""Command line: ``aggregator run``, ``aggregator check``."""
+"""Command line: ``aggregator run``, ``check``, ``health`` and ``convert``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 
 from aggregator import __version__, logs, process
@@ -12,6 +15,9 @@ from aggregator.config.model import FileDestination, FirehoseDestination, Forwar
 from aggregator.process import EXIT_CONFIG, EXIT_OK
 
 DEFAULT_CONFIG = "conf/aggregator.toml"
+CONFIG_ENV = "AGGREGATOR_CONFIG"
+"""Names the config file when ``-c`` is not given (the container image sets it)."""
+HEALTH_TIMEOUT = 3.0
 
 
 def _guards(src: Source) -> str:
@@ -20,8 +26,11 @@ def _guards(src: Source) -> str:
         guards = ["tls" + (" + client certificates" if src.tls.client_cert_auth else "")
                   if src.tls else "no tls"]  # fmt: skip
         if src.security is not None:
-            guards.append("handshake: shared key" + (", users" if src.security.user_auth else "")
-                          + ("" if src.security.allow_anonymous_source else ", listed clients"))
+            guards.append(
+                "handshake: shared key"
+                + (", users" if src.security.user_auth else "")
+                + ("" if src.security.allow_anonymous_source else ", listed clients")
+            )
         else:
             guards.append("no handshake")
         return "  (" + "; ".join(guards) + ")"
@@ -69,24 +78,63 @@ def _load(path: str) -> Config | None:
         return None
 
 
+def health_url(config: Config) -> str | None:
+    """Where this host's ``/api/health`` answers: the first HTTP source, on loopback when it
+    listens on every address."""
+    for src in config.sources:
+        if src.type == "http":
+            host = "127.0.0.1" if src.bind in ("0.0.0.0", "") else src.bind
+            host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+            return f"http://{host}:{src.port}/api/health"
+    return None
+
+
+def health(url: str, timeout: float) -> int:
+    """``aggregator health``: exit 0 when the service answers 200, else 1; for a container
+    HEALTHCHECK or an ECS health check, in an image that has no curl."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            print(resp.read().decode(errors="replace").strip())
+            return EXIT_OK
+    except urllib.error.HTTPError as exc:
+        print(f"unhealthy: {exc.code} {exc.read().decode(errors='replace').strip()}")
+    except (OSError, ValueError) as exc:
+        print(f"unhealthy: {url}: {exc}")
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="aggregator", description="Fluentd-compatible log aggregator for Kinesis Firehose."
     )
     parser.add_argument("--version", action="version", version=f"aggregator {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    default_config = os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    config_help = f"config file, TOML or Fluentd's (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})"
     run = commands.add_parser("run", help="run in the foreground until SIGTERM/SIGINT")
-    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
+    run.add_argument("-c", "--config", default=default_config, help=config_help)
     run.add_argument(
         "--workers", type=int, help="worker processes (default: [server] workers, or the CPUs)"
     )
     check = commands.add_parser("check", help="validate a config and print its routing table")
-    check.add_argument("-c", "--config", required=True, help="TOML config file")
+    check.add_argument("-c", "--config", default=default_config, help=config_help)
+    probe = commands.add_parser("health", help="exit 0 if the service is healthy, else 1")
+    probe.add_argument("-c", "--config", default=default_config, help=config_help)
+    probe.add_argument("--url", help="the health URL (default: the config's HTTP source)")
+    probe.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT, help="seconds")
     args = parser.parse_args(argv)
 
+    if args.command == "health" and args.url:
+        return health(args.url, args.timeout)
     config = _load(args.config)
     if config is None:
-        return EXIT_CONFIG
+        return EXIT_CONFIG if args.command != "health" else 1
+    if args.command == "health":
+        url = health_url(config)
+        if url is None:
+            print("unhealthy: the config has no http source to ask", file=sys.stderr)
+            return 1
+        return health(url, args.timeout)
     if args.command == "check":
         print(describe(config))
         return EXIT_OK

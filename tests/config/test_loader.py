@@ -38,13 +38,24 @@ def test_shipped_configs_are_valid() -> None:
     assert isinstance(local, FileDestination)
     assert local.path == "./data"
     assert local.inject.tag_key == "tag"
-    example = load(ROOT / "conf" / "firehose.example.toml", env={})
-    search, archive = example.destinations["search"], example.destinations["archive"]
+    fargate = load(ROOT / "conf" / "fargate.toml", env={})
+    search, archive = fargate.destinations["search"], fargate.destinations["archive"]
     assert isinstance(search, FirehoseDestination) and isinstance(archive, FirehoseDestination)
     assert not search.aggregate and archive.aggregate
     assert search.endpoint_url is None  # "${FIREHOSE_ENDPOINT:-}" means the AWS default
-    assert search.buffer.total_limit_size == 2 * 1024**3
+    assert fargate.sources[1].control_token is None  # type: ignore[union-attr]
+    assert search.buffer.total_limit_size == 256 * 1024**2
     assert search.buffer.flush_thread_count == 15
+    assert [r.match for r in fargate.routes] == ["frontend*", "backend*", "health*"]
+    env = {"SEARCH_MATCH": "web.** api.*", "SEARCH_STREAM": "logs", "BUFFER_TOTAL_LIMIT": "64MiB",
+           "FLUSH_THREAD_COUNT": "4", "STOP_TIMEOUT": "120", "HANDOFF_ADDRESS": "nlb:24224"}
+    fargate = load(ROOT / "conf" / "fargate.toml", env=env)
+    search = fargate.destinations["search"]
+    assert isinstance(search, FirehoseDestination) and search.delivery_stream == "logs"
+    assert fargate.routes[0].match == "web.** api.*"
+    assert search.buffer.total_limit_size == 64 * 1024**2
+    assert search.buffer.flush_thread_count == 4
+    assert (fargate.server.stop_timeout, fargate.server.handoff) == (120.0, "nlb:24224")
 
 
 def test_defaults() -> None:
