@@ -35,7 +35,7 @@ def test_health_exits_0_when_healthy_and_1_when_not(
     assert nothing.returncode == 1 and "unhealthy" in nothing.stdout
 
 
-def test_the_config_comes_from_AGGREGATOR_CONFIG_when_c_is_not_given(tmp_path: Path) -> None:  # noqa: N802
+def test_the_config_comes_from_the_environment_when_c_is_not_given(tmp_path: Path) -> None:
     good = tmp_path / "a.toml"
     good.write_text(FILE_CONFIG.replace("{forward_port}", "0").replace("{http_port}", "0")
                     .replace("{data_dir}", str(tmp_path)))  # fmt: skip
