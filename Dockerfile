@@ -22,7 +22,8 @@ FROM ${BASE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --user-group --home-dir /var/lib/aggregator \
+ && groupadd --system --gid 10001 aggregator \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/aggregator \
       --shell /usr/sbin/nologin aggregator \
  && mkdir -p /var/lib/aggregator/dead-letter \
  && chown -R aggregator:aggregator /var/lib/aggregator
@@ -32,7 +33,7 @@ ENV PATH=/opt/aggregator/bin:$PATH \
     AGGREGATOR_CONFIG=/etc/aggregator/fargate.toml \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-USER aggregator
+USER 10001:10001
 WORKDIR /var/lib/aggregator
 EXPOSE 24224/tcp 24224/udp 8888/tcp
 STOPSIGNAL SIGTERM

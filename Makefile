@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/aggregator.toml
 
-.PHONY: run test lint check-config clean
+.PHONY: run test lint check-config clean image image-test podman-deps base-image
 
 # The stamp files make the install step re-run whenever pyproject.toml changes.
 $(BIN)/python:
@@ -22,17 +22,51 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/aggregator run -c $(CONFIG)
 
-test: $(VENV)/.installed-test
-	$(BIN)/ruff check aggregator tests benchmarks
-	$(BIN)/mypy aggregator benchmarks
+test: lint
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check aggregator tests benchmarks
 	$(BIN)/mypy aggregator benchmarks
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/cfn-lint deploy/cloudformation/*.yaml
 
 check-config: $(VENV)/.installed
 	$(BIN)/aggregator check -c $(CONFIG)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+
+# --- the container image, built and run with Debian's podman (no Docker daemon needed) -------
+IMAGE      ?= localhost/aggregator:test
+BASE_IMAGE ?= localhost/debian-python:bookworm
+SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# crun fails on some kernels where runc works; podman's default ulimits may exceed the host's.
+PODMAN     := podman --runtime runc
+LIMITS     := --ulimit nofile=1024:1024 --ulimit nproc=1000:1000
+# A host CA bundle, when there is one, lets pip inside the build reach the package index
+# through a TLS-inspecting proxy; elsewhere the build needs nothing from the host.
+CA_BUNDLE  := /etc/ssl/certs/ca-certificates.crt
+CA_MOUNT   := $(if $(wildcard $(CA_BUNDLE)),-v $(CA_BUNDLE):$(CA_BUNDLE):ro)
+
+podman-deps:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+	  || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q podman runc debootstrap; }
+
+# A Debian base with Python, made from Debian's packages (no registry pull), built once.
+base-image: podman-deps
+	@$(PODMAN) image exists $(BASE_IMAGE) || { \
+	  rootfs=$$(mktemp -d) && \
+	  $(SUDO) debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+	    bookworm $$rootfs >/dev/null && \
+	  $(SUDO) tar -C $$rootfs -c . | $(PODMAN) import - $(BASE_IMAGE) && \
+	  $(SUDO) rm -rf $$rootfs; }
+
+image: base-image
+	$(PODMAN) build --format docker --network host $(LIMITS) $(CA_MOUNT) \
+	  --build-arg BASE=$(BASE_IMAGE) -t $(IMAGE) .
+
+image-test: $(VENV)/.installed-test image
+	AGGREGATOR_IMAGE=$(IMAGE) $(BIN)/python -m pytest -m image tests/image -v -s
+	@$(PODMAN) image inspect $(IMAGE) --format 'image size: {{.Size}} bytes'
+
