@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Sequence
 
 from aggregator import __version__, logs, process
-from aggregator.config import Config, ConfigError, load
+from aggregator.config import Config, ConfigError, fluentd, parse, read, writer
 from aggregator.config.model import FileDestination, FirehoseDestination, ForwardSource, Source
 from aggregator.process import EXIT_CONFIG, EXIT_OK
 
@@ -42,10 +42,12 @@ def describe(config: Config) -> str:
     """The routing table and destinations, as ``check`` prints them."""
     lines = ["sources:"]
     for src in config.sources:
-        lines.append(f"  {src.name:<12} {src.type:<8} {src.bind}:{src.port}{_guards(src)}")
+        routes = f"  -> routes of {src.label}" if src.label else ""
+        lines.append(f"  {src.name:<12} {src.type:<8} {src.bind}:{src.port}{_guards(src)}{routes}")
     lines.append("routes (first match wins):")
     for i, route in enumerate(config.routes, 1):
-        lines.append(f"  {i:>2}. {route.match!r:<32} -> {route.destination}")
+        label = f"  (label {route.label})" if route.label else ""
+        lines.append(f"  {i:>2}. {route.match!r:<32} -> {route.destination}{label}")
     if not config.routes:
         lines.append("  (none: every event is counted as unmatched)")
     lines.append("destinations:")
@@ -72,10 +74,29 @@ def describe(config: Config) -> str:
 
 def _load(path: str) -> Config | None:
     try:
-        return load(path)
+        config, warnings = read(path)
     except ConfigError as exc:
         print(f"aggregator: configuration error in {path}:\n{exc}", file=sys.stderr)
         return None
+    for warning in warnings:
+        print(f"aggregator: warning: {warning}", file=sys.stderr)
+    return config
+
+
+def convert(path: str) -> int:
+    """``aggregator convert fluent.conf``: the equivalent TOML on standard output, warnings
+    about what was left out on standard error; exit 2 if it cannot be converted or used."""
+    try:
+        data, warnings = fluentd.convert_file(path)
+        parse(data)  # the same validation as run and check
+    except ConfigError as exc:
+        print(f"aggregator: cannot convert {path}:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in warnings:
+        print(f"aggregator: warning: {warning}", file=sys.stderr)
+    print(f"# Converted from {path} by aggregator convert {__version__}.")
+    print(writer.to_toml(data), end="")
+    return EXIT_OK
 
 
 def health_url(config: Config) -> str | None:
@@ -122,8 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe.add_argument("-c", "--config", default=default_config, help=config_help)
     probe.add_argument("--url", help="the health URL (default: the config's HTTP source)")
     probe.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT, help="seconds")
+    to_toml = commands.add_parser("convert", help="print a fluent.conf as this service's TOML")
+    to_toml.add_argument("fluent_conf", help="Fluentd configuration file")
     args = parser.parse_args(argv)
 
+    if args.command == "convert":
+        return convert(args.fluent_conf)
     if args.command == "health" and args.url:
         return health(args.url, args.timeout)
     config = _load(args.config)

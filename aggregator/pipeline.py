@@ -56,9 +56,12 @@ class Pipeline:
             secondary = self.destinations[settings.secondary].buffer if settings.secondary else None
             buffer = Buffer(name, settings.buffer, build_sink(name, settings, worker), secondary)
             self.destinations[name] = Destination(name, Formatter(settings.inject), buffer)
-        self.router: Router[Destination] = Router(
-            [(route.match, self.destinations[route.destination]) for route in config.routes]
-        )
+        # One router per label (Fluentd's <label>): a source sees only its label's routes.
+        self._routers: dict[str | None, Router[Destination]] = {
+            label: Router([(route.match, self.destinations[route.destination])
+                           for route in config.routes if route.label == label])
+            for label in {None, *(route.label for route in config.routes)}
+        }  # fmt: skip
         self._unmatched_warning = Throttle(UNMATCHED_WARNING_INTERVAL)
         self._invalid_warning = Throttle(INVALID_WARNING_INTERVAL)
 
@@ -67,13 +70,19 @@ class Pipeline:
             await dest.buffer.sink.start()
             dest.buffer.start()
 
+    def route(self, tag: str, label: str | None = None) -> Destination | None:
+        """Where ``tag`` goes from a source with ``label``: the first matching route's."""
+        return self._routers[label].route(tag)
+
     def dispatch(
-        self, tag: str, entries: Sequence[Any], source: str, *, strict: bool = False
-    ) -> Outcome:
-        """Route and buffer one message from ``source``. An entry that cannot be encoded is left
-        out, counted and warned about, and the rest is buffered; with ``strict``, it raises
-        formatting.InvalidEvent instead, and nothing of the message is buffered."""
-        dest = self.router.route(tag)
+        self, tag: str, entries: Sequence[Any], source: str, *, label: str | None = None,
+        strict: bool = False,
+    ) -> Outcome:  # fmt: skip
+        """Route and buffer one message from ``source`` (whose routes are ``label``'s). An entry
+        that cannot be encoded is left out, counted and warned about, and the rest is buffered;
+        with ``strict``, it raises formatting.InvalidEvent instead, and nothing of the message
+        is buffered."""
+        dest = self.route(tag, label)
         if dest is None:
             self._unmatched(tag, len(entries))
             return Outcome.UNMATCHED
@@ -91,8 +100,8 @@ class Pipeline:
             buffer.append(encoded.lines, encoded.nbytes, tag)
         return Outcome.ACCEPTED
 
-    async def wait_for_room(self, tag: str) -> None:
-        dest = self.router.route(tag)
+    async def wait_for_room(self, tag: str, label: str | None = None) -> None:
+        dest = self.route(tag, label)
         if dest is not None:
             await dest.buffer.wait_for_room()
 
@@ -100,9 +109,9 @@ class Pipeline:
         for dest in self.destinations.values():
             dest.buffer.flush_now()
 
-    def abandon(self, tag: str, events: int, reason: str) -> None:
+    def abandon(self, tag: str, events: int, reason: str, label: str | None = None) -> None:
         """Count events a source took from a client but could not hand to a buffer."""
-        dest = self.router.route(tag)
+        dest = self.route(tag, label)
         name = dest.name if dest is not None else "none"
         metrics.DROPPED_EVENTS.labels(name, reason).inc(events)
         if dest is not None:

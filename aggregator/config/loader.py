@@ -1,4 +1,5 @@
-"""Reading a TOML config: parse, expand ``${VAR}`` from the environment, validate.
+"""Reading a config (TOML, or a fluent.conf): parse, expand ``${VAR}`` from the environment,
+validate.
 
 Expansion happens on parsed string values, not on the file's text, so an environment value can
 never change the TOML structure. ``${VAR}`` must be set; ``${VAR:-default}`` falls back when VAR
@@ -16,13 +17,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from aggregator.config import fluentd
+from aggregator.config.errors import ConfigError
 from aggregator.config.model import Config
 
+__all__ = ["ConfigError", "expand", "load", "loads", "parse", "read"]
+
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; the message names the offending key path."""
 
 
 def expand(value: str, env: Mapping[str, str], where: str) -> str:
@@ -105,9 +106,18 @@ def loads(text: str, env: Mapping[str, str] | None = None, source: str = "<confi
     return parse(data, env)
 
 
-def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+def read(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[Config, list[str]]:
+    """The config in ``path``, TOML or Fluentd's ``fluent.conf``, and the warnings about what
+    of a fluent.conf was left out (see config/fluentd.py)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror or exc}") from None
-    return loads(text, env, str(path))
+    if fluentd.looks_like_fluentd(path, text):
+        data, warnings = fluentd.convert_file(path)
+        return parse(data, env), warnings
+    return loads(text, env, str(path)), []
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    return read(path, env)[0]

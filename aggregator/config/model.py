@@ -129,6 +129,11 @@ class ForwardSource(Strict):
 
     type: Literal["forward"]
     name: str = Field("forward", description="Label for metrics and logs.")
+    label: str | None = Field(
+        None,
+        description="Route this source's events through the routes of this label only "
+        "(Fluentd's @label, e.g. \"@mainstream\"); unset: through the routes without a label.",
+    )
     bind: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(24224, ge=0, le=65535, description="TCP (and UDP heartbeat) port; 0 = any.")
     message_length_limit: Size = Field(
@@ -201,6 +206,11 @@ class HttpSource(Strict):
 
     type: Literal["http"]
     name: str = Field("http", description="Label for metrics and logs.")
+    label: str | None = Field(
+        None,
+        description="Route this source's events through the routes of this label only "
+        "(Fluentd's @label, e.g. \"@mainstream\"); unset: through the routes without a label.",
+    )
     bind: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8888, ge=0, le=65535, description="TCP port; 0 = any.")
     body_size_limit: Size = Field(32 * 1024 * 1024, description="Largest request body accepted.")
@@ -251,6 +261,11 @@ class Route(Strict):
         "more parts, '{a,b}' alternatives."
     )
     destination: str = Field(description="Name of a [destinations.NAME] table.")
+    label: str | None = Field(
+        None,
+        description="Only for sources with this label (Fluentd's <label>); unset: for sources "
+        "without one. Routes are tried in order within their label.",
+    )
 
     @model_validator(mode="after")
     def _patterns_compile(self) -> Route:
@@ -335,7 +350,9 @@ class FirehoseDestination(DestinationBase):
         None, description="AWS region; unset: the standard chain (AWS_REGION...)."
     )
     endpoint_url: BlankIsUnset = Field(
-        None, description="Custom endpoint (an emulator, a VPC endpoint); empty: AWS default."
+        None,
+        description="Custom endpoint (an emulator, a VPC endpoint); empty: the SDKs' "
+        "AWS_ENDPOINT_URL_FIREHOSE or AWS_ENDPOINT_URL if set, else AWS's default.",
     )
     aggregate: bool = Field(
         False,
@@ -486,6 +503,10 @@ class Config(Strict):
                     f"destinations.{name}.secondary: {dest.secondary!r} has a secondary of its "
                     "own; chains are not supported"
                 )
+        labels = {route.label for route in self.routes}
+        for i, src in enumerate(self.sources):
+            if src.label is not None and src.label not in labels:
+                raise ValueError(f"sources.{i}.label: no route has label {src.label!r}")
         seen: set[tuple[str, int]] = set()
         for src in self.sources:
             if src.port and (src.bind, src.port) in seen:

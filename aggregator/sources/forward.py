@@ -225,7 +225,9 @@ class ForwardConnection(asyncio.Protocol):
                     return
                 if batch is None:
                     return
-            outcome = self._pipeline.dispatch(batch.tag, batch.entries, self._server.settings.name)
+            settings = self._server.settings
+            outcome = self._pipeline.dispatch(batch.tag, batch.entries, settings.name,
+                                              label=settings.label)  # fmt: skip
             if outcome is Outcome.BLOCKED:
                 self._pending = batch
                 flow.pause("buffer")
@@ -241,7 +243,7 @@ class ForwardConnection(asyncio.Protocol):
                     transport.write(b"".join(map(encode_ack, batch.chunks)))
 
     async def _resume_when_room(self, tag: str) -> None:
-        await self._pipeline.wait_for_room(tag)
+        await self._pipeline.wait_for_room(tag, self._server.settings.label)
         transport, flow = self._transport, self._flow
         if transport is None or flow is None or transport.is_closing():
             return
@@ -346,7 +348,8 @@ class ForwardConnection(asyncio.Protocol):
     def _abandon_pending(self, reason: str) -> None:
         """The batch waiting for buffer room goes with its connection: count it."""
         if self._pending is not None:
-            self._pipeline.abandon(self._pending.tag, len(self._pending.entries), reason)
+            self._pipeline.abandon(self._pending.tag, len(self._pending.entries), reason,
+                                   self._server.settings.label)  # fmt: skip
 
     def _count_close(self, how: str) -> None:
         metrics.CONNECTIONS_CLOSED.labels(self._server.settings.name, self._closing, how).inc()

@@ -244,13 +244,15 @@ class HttpServer:
         while True:
             try:
                 # All or nothing, as in_http: a 400 must mean that none was taken.
-                outcome = self.pipeline.dispatch(tag, entries, self.settings.name, strict=True)
+                outcome = self.pipeline.dispatch(
+                    tag, entries, self.settings.name, label=self.settings.label, strict=True
+                )
             except InvalidEvent as exc:
                 metrics.INPUT_ERRORS.labels(self.settings.name, exc.reason).inc()
                 return _bad_request(str(exc))
             if outcome is not Outcome.BLOCKED:
                 break
-            await self.pipeline.wait_for_room(tag)
+            await self.pipeline.wait_for_room(tag, self.settings.label)
         self._m_events.inc(len(entries))
         if outcome is Outcome.REJECTED:
             return _text(503, "503 Service Unavailable\nbuffer full\n")

@@ -119,7 +119,8 @@ SUPERVISOR_READY = '"worker":"supervisor","message":"ready"'  # every worker is 
 @pytest.fixture
 def start_aggregator(tmp_path: Path) -> Iterator[StartAggregator]:
     """``start(config_toml)``: runs the aggregator on that config, where ``{forward_port}``,
-    ``{http_port}`` and ``{data_dir}`` are replaced; waits until it is ready."""
+    ``{http_port}`` and ``{data_dir}`` are replaced; waits until it is ready. ``suffix``
+    ".conf" makes it a fluent.conf."""
     started: list[Aggregator] = []
 
     def start(
@@ -127,11 +128,12 @@ def start_aggregator(tmp_path: Path) -> Iterator[StartAggregator]:
         env: dict[str, str] | None = None,
         ready_timeout: float = 20.0,
         own_process_group: bool = False,
+        suffix: str = ".toml",
     ) -> Aggregator:
         n = len(started)
         forward_port, http_port = free_port(), free_port()
         data_dir = tmp_path / f"data{n}"
-        path = tmp_path / f"aggregator{n}.toml"
+        path = tmp_path / f"aggregator{n}{suffix}"
         for key, value in (("forward_port", forward_port), ("http_port", http_port),
                            ("data_dir", data_dir)):  # fmt: skip
             config = config.replace("{" + key + "}", str(value))

@@ -6,7 +6,8 @@ passing (:class:`RetryableError`) or final (the lines are rejected with the erro
 reason).
 
 botocore finds and refreshes credentials (the standard chain: env, ECS task role...) and signs
-(SigV4); the endpoint is Firehose's public one for the region unless ``endpoint_url`` is set;
+(SigV4); the endpoint is Firehose's public one for the region unless ``endpoint_url`` (or the
+SDKs' AWS_ENDPOINT_URL_FIREHOSE / AWS_ENDPOINT_URL) is set;
 the request body and the response are handled here, because
 botocore's generic JSON serializer and parser cost several microseconds per record, which at
 tens of thousands of records a second is most of a core. The wire format is AWS JSON 1.1:
@@ -20,6 +21,7 @@ import asyncio
 import logging
 import os
 import re
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -145,6 +147,14 @@ def default_endpoint(region: str) -> str:
     return f"https://firehose.{region}.{suffix}"
 
 
+def configured_endpoint(env: Mapping[str, str] = os.environ) -> str | None:
+    """The endpoint the AWS SDKs take from the environment: AWS_ENDPOINT_URL_FIREHOSE, else
+    AWS_ENDPOINT_URL, unless AWS_IGNORE_CONFIGURED_ENDPOINT_URLS is true."""
+    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return None
+    return env.get("AWS_ENDPOINT_URL_FIREHOSE") or env.get("AWS_ENDPOINT_URL") or None
+
+
 class FirehoseService:
     """PutRecordBatch calls to one delivery stream, over one reused connection pool."""
 
@@ -178,7 +188,7 @@ class FirehoseService:
             )
         self._region = region
         # Not a botocore client: its endpoint and service models cost ~20 MiB per worker.
-        self._url = settings.endpoint_url or default_endpoint(region)
+        self._url = settings.endpoint_url or configured_endpoint() or default_endpoint(region)
         self._session = session
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=MAX_POOL_CONNECTIONS),

@@ -216,3 +216,13 @@ def test_default_endpoints() -> None:
 
     assert default_endpoint("us-west-2") == "https://firehose.us-west-2.amazonaws.com"
     assert default_endpoint("cn-north-1") == "https://firehose.cn-north-1.amazonaws.com.cn"
+
+
+def test_the_sdks_endpoint_variables_are_honoured() -> None:
+    from aggregator.sinks.firehose.service import configured_endpoint
+
+    assert configured_endpoint({}) is None
+    assert configured_endpoint({"AWS_ENDPOINT_URL": "http://all"}) == "http://all"
+    both = {"AWS_ENDPOINT_URL": "http://all", "AWS_ENDPOINT_URL_FIREHOSE": "http://fh"}
+    assert configured_endpoint(both) == "http://fh"
+    assert configured_endpoint({**both, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}) is None

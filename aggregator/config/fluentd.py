@@ -1,0 +1,716 @@
+"""Fluentd's ``fluent.conf``, read and turned into this service's configuration.
+
+Two steps, each one place:
+
+- :func:`parse` reads Fluentd's syntax (directives, parameters, quoting, ``@include``,
+  ``"#{ENV['X']}"``) into a tree of :class:`Directive`, each with its file and line.
+- :class:`Converter` maps the tree onto the same data a TOML file gives (validated by the same
+  models afterwards). Each supported parameter has a rule; a parameter whose behaviour does not
+  matter here is dropped with a warning that says why; anything else is an error with its file
+  and line. Nothing is silently read differently.
+
+Values keep their environment lookups as ``${VAR}``, so a converted file still takes its
+settings from the environment at start, as Fluentd did.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aggregator.config.errors import ConfigError
+
+# --- the syntax --------------------------------------------------------------------------------
+
+
+@dataclass
+class Param:
+    value: str
+    where: str
+
+
+@dataclass
+class Directive:
+    """``<name arg>`` ... ``</name>``: its parameters and the directives inside it."""
+
+    name: str
+    arg: str
+    where: str
+    params: dict[str, Param] = field(default_factory=dict)
+    children: list[Directive] = field(default_factory=list)
+
+
+_OPEN = re.compile(r"<\s*([A-Za-z_][\w]*)\s*(.*?)\s*>$")
+_CLOSE = re.compile(r"</\s*([A-Za-z_][\w]*)\s*>$")
+_KEY = re.compile(r"(@?[A-Za-z_][\w.]*)(?:\s+(.*))?$")
+# The embedded Ruby that Fluentd configs use to read the environment, and the host name.
+_ENV_INDEX = re.compile(r"""ENV\[\s*(['"])([A-Za-z_]\w*)\1\s*\]""")
+_ENV_FETCH = re.compile(r"""ENV\.fetch\(\s*(['"])([A-Za-z_]\w*)\1\s*(?:,\s*(['"])(.*?)\3\s*)?\)""")
+_HOSTNAME = re.compile(r"Socket\.gethostname")
+
+
+def parse(path: str | Path) -> Directive:
+    """The directives of ``path`` and of the files it includes, under one root."""
+    root = Directive("ROOT", "", f"{path}:1")
+    _parse_file(Path(path), [root], depth=0)
+    return root
+
+
+def _parse_file(path: Path, stack: list[Directive], depth: int) -> None:
+    if depth > 16:
+        raise ConfigError(f"{path}: @include nested too deep (a loop?)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    base = len(stack)
+    i = 0
+    while i < len(lines):
+        where = f"{path}:{i + 1}"
+        line = _strip_comment(lines[i]).strip()
+        i += 1
+        if not line:
+            continue
+        if m := _CLOSE.match(line):
+            if len(stack) <= base or stack[-1].name != m.group(1):
+                expected = f"</{stack[-1].name}>" if len(stack) > base else "nothing to close"
+                raise ConfigError(f"{where}: </{m.group(1)}> does not close ({expected})")
+            stack.pop()
+            continue
+        if m := _OPEN.match(line):
+            directive = Directive(m.group(1), m.group(2), where)
+            stack[-1].children.append(directive)
+            stack.append(directive)
+            continue
+        if line.startswith("@include"):
+            pattern = line.removeprefix("@include").strip()
+            if "://" in pattern:
+                raise ConfigError(f"{where}: @include of a URL is not supported: {pattern}")
+            full = pattern if os.path.isabs(pattern) else str(path.parent / pattern)
+            matches = sorted(glob.glob(full))
+            if not matches and not glob.has_magic(full):
+                raise ConfigError(f"{where}: @include {pattern}: no such file")
+            for included in matches:
+                _parse_file(Path(included), stack, depth + 1)
+            continue
+        m = _KEY.match(line)
+        if m is None:
+            raise ConfigError(f"{where}: cannot read this line: {line[:80]}")
+        key, raw = m.group(1), m.group(2) or ""
+        # A JSON array or hash may go on over lines until its brackets close.
+        while raw[:1] in "[{" and raw and not _balanced(raw) and i < len(lines):
+            raw += "\n" + _strip_comment(lines[i]).strip()
+            i += 1
+        stack[-1].params[key] = Param(_value(raw.strip(), where), where)
+    if len(stack) > base:
+        raise ConfigError(f"{stack[-1].where}: <{stack[-1].name}> is never closed")
+
+
+def _strip_comment(line: str) -> str:
+    """The line without its comment: ``#`` at the start or after a space, outside quotes, and
+    not the ``#{`` of embedded Ruby."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == "\\" and quote == '"':
+                continue
+            if ch == quote and (i == 0 or line[i - 1] != "\\"):
+                quote = ""
+        elif ch in "\"'" and (i == 0 or line[i - 1].isspace()):
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()) and line[i + 1 : i + 2] != "{":
+            return line[:i]
+    return line
+
+
+def _balanced(text: str) -> bool:
+    return text.count("[") + text.count("{") <= text.count("]") + text.count("}")
+
+
+def _value(raw: str, where: str) -> str:
+    """A parameter's value as Fluentd reads it; environment lookups become ``${VAR}``."""
+    if len(raw) >= 2 and raw[0] == raw[-1] == "'":
+        return _literal(raw[1:-1].replace("\\'", "'").replace("\\\\", "\\"))
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        return _double_quoted(raw[1:-1], where)
+    if "#{" in raw:
+        raise ConfigError(f"{where}: embedded Ruby (#{{...}}) is only read in double quotes")
+    return _literal(raw)
+
+
+def _literal(text: str) -> str:
+    return text.replace("${", "$${")  # a literal "${" must not become an environment lookup
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "#": "#", "0": "\0"}
+
+
+def _double_quoted(body: str, where: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\" and i + 1 < len(body):
+            out.append(_literal(_ESCAPES.get(body[i + 1], body[i + 1])))
+            i += 2
+        elif body.startswith("#{", i):
+            end = body.find("}", i + 2)
+            if end < 0:
+                raise ConfigError(f"{where}: unclosed #{{")
+            # ENV.fetch('X') {...} style blocks contain a brace of their own: not supported
+            out.append(_ruby(body[i + 2 : end].strip(), where))
+            i = end + 1
+        else:
+            out.append(_literal(ch))
+            i += 1
+    return "".join(out)
+
+
+def _ruby(code: str, where: str) -> str:
+    if m := _ENV_INDEX.fullmatch(code):
+        return "${" + m.group(2) + ":-}"  # Ruby: nil when unset, which interpolates as ""
+    if m := _ENV_FETCH.fullmatch(code):
+        name, default = m.group(2), m.group(4)
+        return "${" + name + ("}" if default is None else ":-" + _literal(default) + "}")
+    if _HOSTNAME.fullmatch(code):
+        return "${HOSTNAME:-localhost}"
+    raise ConfigError(
+        f"{where}: embedded Ruby #{{{code}}} is not supported: only ENV['X'], "
+        "ENV.fetch('X', 'default') and Socket.gethostname are"
+    )
+
+
+# --- Fluentd's units -------------------------------------------------------------------------
+
+
+def _is_env(value: str) -> bool:
+    return "${" in value.replace("$${", "")
+
+
+def fluent_size(value: str, where: str) -> int | str:
+    """Bytes, as Fluentd's ``size`` type reads them: k, m, g, t are binary, case ignored."""
+    if _is_env(value):
+        return value
+    for unit, factor in (("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30), ("t", 1 << 40)):
+        if m := re.search(r"([0-9]+)" + unit, value, re.IGNORECASE):
+            return int(m.group(1)) * factor
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{where}: invalid size {value!r}") from None
+
+
+def fluent_time(value: str, where: str) -> float | str:
+    """Seconds, as Fluentd's ``time`` type reads them: s, m, h, d suffixes, else a number."""
+    if _is_env(value):
+        return value
+    for unit, factor in (("s", 1), ("m", 60), ("h", 3600), ("d", 86400)):
+        if m := re.search(r"([0-9]+)" + unit, value):
+            return float(int(m.group(1)) * factor)
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: invalid time {value!r}") from None
+
+
+def fluent_bool(value: str, where: str) -> bool | str:
+    if _is_env(value):
+        return value
+    if value in ("true", "yes", ""):
+        return True
+    if value in ("false", "no"):
+        return False
+    raise ConfigError(f"{where}: invalid boolean {value!r} (true or false)")
+
+
+def fluent_int(value: str, where: str) -> int | str:
+    if _is_env(value):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{where}: invalid integer {value!r}") from None
+
+
+def fluent_array(value: str, where: str) -> list[str]:
+    """Fluentd's ``array``: a JSON array, or comma-separated values."""
+    import json
+
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{where}: invalid JSON array {value!r}") from None
+        return [str(item) for item in items]
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _text(value: str, where: str) -> str:
+    return value
+
+
+_LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning",
+               "error": "error", "fatal": "error"}  # fmt: skip
+
+
+def _log_level(value: str, where: str) -> str:
+    if value not in _LOG_LEVELS:
+        raise ConfigError(f"{where}: unknown log level {value!r}")
+    return _LOG_LEVELS[value]
+
+
+def _tls_version(value: str, where: str) -> str:
+    versions = {"TLSv1_2": "TLSv1.2", "TLS1_2": "TLSv1.2",
+                "TLSv1_3": "TLSv1.3", "TLS1_3": "TLSv1.3"}  # fmt: skip
+    if value not in versions:
+        raise ConfigError(f"{where}: TLS version {value!r} is not supported (TLSv1_2, TLSv1_3)")
+    return versions[value]
+
+
+# --- the mapping ------------------------------------------------------------------------------
+
+FLUENTD_RETRY_TIMEOUT = 72 * 3600.0
+"""Fluentd's default retry_timeout (seconds)."""
+
+Rule = tuple[str, Callable[[str, str], Any]]
+"""A supported parameter: our key, and how its value is read."""
+
+
+@dataclass
+class Section:
+    """What a directive may hold: parameters with a rule, parameters dropped with a reason."""
+
+    rules: dict[str, Rule]
+    ignored: dict[str, str] = field(default_factory=dict)
+
+
+_COMMON_IGNORED = {
+    "@log_level": "per-plugin log levels are not supported: [server] log_level applies",
+}
+
+_FORWARD = Section(
+    rules={
+        "port": ("port", fluent_int), "bind": ("bind", _text),
+        "chunk_size_limit": ("message_length_limit", fluent_size),
+        "@id": ("name", _text), "@label": ("label", _text),
+    },
+    ignored={
+        **_COMMON_IGNORED,
+        "chunk_size_warn_limit": "no warning size: messages over message_length_limit are refused",
+        "skip_invalid_event": "an invalid event is always skipped and counted here",
+        "linger_timeout": "connections are closed at a safe moment instead (see README)",
+        "resolve_hostname": "peers are logged by address",
+        "send_keepalive_packet": "TCP keepalive is always on (keepalive_idle)",
+        "backlog": "the kernel's default listen backlog is used",
+        "blocking_timeout": "not needed by this implementation",
+        "deny_keepalive": "connections stay open as clients keep them",
+    },
+)
+_HTTP = Section(
+    rules={
+        "port": ("port", fluent_int), "bind": ("bind", _text),
+        "body_size_limit": ("body_size_limit", fluent_size),
+        "keepalive_timeout": ("keepalive_timeout", fluent_time),
+        "cors_allow_origins": ("cors_allow_origins", fluent_array),
+        "@id": ("name", _text), "@label": ("label", _text),
+    },
+    ignored={
+        **_COMMON_IGNORED,
+        "backlog": "the kernel's default listen backlog is used",
+        "blocking_timeout": "not needed by this implementation",
+        "dump_error_log": "errors are logged (throttled) and counted",
+    },
+)
+_SECURITY = Section(
+    rules={
+        "self_hostname": ("self_hostname", _text), "shared_key": ("shared_key", _text),
+        "user_auth": ("user_auth", fluent_bool),
+        "allow_anonymous_source": ("allow_anonymous_source", fluent_bool),
+    },
+)
+_USER = Section(rules={"username": ("username", _text), "password": ("password", _text)})
+_CLIENT = Section(
+    rules={
+        "host": ("host", _text), "network": ("network", _text),
+        "shared_key": ("shared_key", _text), "users": ("users", fluent_array),
+    },
+)
+_TLS = Section(
+    rules={
+        "cert_path": ("cert_path", _text), "private_key_path": ("private_key_path", _text),
+        "min_version": ("min_version", _tls_version), "version": ("min_version", _tls_version),
+        "ca_path": ("ca_path", _text), "client_cert_auth": ("client_cert_auth", fluent_bool),
+    },
+)
+_BUFFER = Section(
+    rules={
+        "chunk_limit_size": ("chunk_limit_size", fluent_size),
+        "chunk_limit_records": ("chunk_limit_records", fluent_int),
+        "total_limit_size": ("total_limit_size", fluent_size),
+        "flush_interval": ("flush_interval", fluent_time),
+        "flush_thread_count": ("flush_thread_count", fluent_int),
+        "overflow_action": ("overflow_action", _text),
+        "retry_wait": ("retry_wait", fluent_time),
+        "retry_max_interval": ("retry_max_interval", fluent_time),
+        "retry_timeout": ("retry_timeout", fluent_time),
+        "retry_max_times": ("retry_max_times", fluent_int),
+    },
+    ignored={
+        "@type": "buffers are in memory; what a stop cannot deliver is handed off or written "
+        "to the secondary",
+        "path": "buffers are in memory (no buffer files)",
+        "flush_mode": "chunks are flushed at flush_interval, or when full",
+        "flush_thread_interval": "flushes are scheduled by timers, not polled",
+        "flush_thread_burst_interval": "flushes are scheduled by timers, not polled",
+        "flush_at_shutdown": "buffers are always flushed at stop",
+        "retry_type": "retries use exponential backoff with full jitter",
+        "retry_exponential_backoff_base": "retries use exponential backoff with full jitter",
+        "retry_randomize": "retries are always randomized (full jitter)",
+        "queued_chunks_limit_size": "total_limit_size bounds the queue",
+        "chunk_full_threshold": "a chunk is flushed at chunk_limit_size",
+        "compress": "chunks are kept uncompressed in memory",
+        "timekey": "chunks are not keyed by time here",
+        "timekey_wait": "chunks are not keyed by time here",
+    },
+)
+_FIREHOSE = Section(
+    rules={
+        "delivery_stream_name": ("delivery_stream", _text), "region": ("region", _text),
+        "endpoint": ("endpoint_url", _text),
+        "max_record_size": ("record_max_size", fluent_size),
+    },
+    ignored={
+        **_COMMON_IGNORED,
+        "batch_request_max_count": "batches follow Firehose's limits (500 records, 4 MiB)",
+        "batch_request_max_size": "batches follow Firehose's limits (500 records, 4 MiB)",
+        "retries_on_batch_request": "failed records go back to the buffer and follow its "
+        "retry settings",
+        "reset_backoff_if_success": "failed records go back to the buffer and follow its "
+        "retry settings",
+        "aws_iam_retries": "credentials come from the standard AWS chain, asked again on failure",
+        "log_truncate_max_size": "refused records are logged in short",
+        "debug": "use [server] log_level = \"debug\"",
+    },
+)
+_SIMPLE_OUTPUT = Section(rules={}, ignored=dict(_COMMON_IGNORED))
+_INJECT = Section(
+    rules={"tag_key": ("tag_key", _text), "time_key": ("time_key", _text)},
+    ignored={"utc": "times are always written in UTC", "localtime": ""},
+)
+_SYSTEM = Section(
+    rules={"workers": ("workers", fluent_int), "log_level": ("log_level", _log_level)},
+    ignored={
+        "root_dir": "there are no buffer files",
+        "suppress_repeated_stacktrace": "warnings are throttled",
+        "ignore_repeated_log_interval": "warnings are throttled",
+        "ignore_same_log_interval": "warnings are throttled",
+        "emit_error_log_interval": "warnings are throttled",
+        "suppress_config_dump": "the config is not logged",
+        "process_name": "the process is named aggregator",
+        "without_source": "",
+        "rpc_endpoint": "signals (SIGUSR1) and POST /api/flush control the service",
+        "enable_get_dump": "",
+        "log_event_verbose": "",
+        "file_permission": "",
+        "dir_permission": "",
+    },
+)
+
+
+class Converter:
+    """A parsed ``fluent.conf`` as this service's configuration data, plus warnings."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+        self.data: dict[str, Any] = {"server": {}, "sources": [], "routes": [],
+                                     "destinations": {}}  # fmt: skip
+
+    def convert(self, root: Directive) -> dict[str, Any]:
+        for directive in root.children:
+            self._top(directive)
+        if not self.data["server"]:
+            del self.data["server"]
+        buffers = [dest.setdefault("buffer", {}) for dest in self.data["destinations"].values()]
+        for buffer in buffers:
+            # Fluentd gives a chunk up after 72 h of retries; keep that, ours is 1 h.
+            buffer.setdefault("retry_timeout", FLUENTD_RETRY_TIMEOUT)
+        if any("overflow_action" not in buffer for buffer in buffers):
+            self._warn(root.where, "overflow_action: where a <buffer> does not set it, a full "
+                       "buffer blocks (slows the senders down); Fluentd's default, "
+                       "throw_exception, refuses and loses events")  # fmt: skip
+        return self.data
+
+    def _warn(self, where: str, text: str) -> None:
+        self.warnings.append(f"{where}: {text}")
+
+    def _top(self, d: Directive) -> None:
+        if d.name == "system":
+            self.data["server"].update(self._params(d, _SYSTEM, "<system>"))
+            for child in d.children:
+                self._warn(child.where, f"<{child.name}> in <system> ignored: logs are JSON lines "
+                           "on standard error, set by [server] log_level")  # fmt: skip
+        elif d.name == "source":
+            self.data["sources"].append(self._source(d))
+        elif d.name == "match":
+            self._match(d, label=None)
+        elif d.name == "label":
+            self._label(d)
+        elif d.name == "filter":
+            raise ConfigError(f"{d.where}: <filter> is not supported: records pass through "
+                              "unchanged (move filters to the senders, e.g. Fluent Bit)")
+        else:
+            raise ConfigError(f"{d.where}: <{d.name}> is not supported here")
+
+    def _label(self, d: Directive) -> None:
+        if d.arg in ("@FLUENT_LOG", "@ERROR"):
+            why = ("the service's own logs go to standard error" if d.arg == "@FLUENT_LOG" else
+                   "events Fluentd would send there are dropped and counted in "
+                   "aggregator_input_errors_total / aggregator_dropped_events_total")
+            self._warn(d.where, f"<label {d.arg}> ignored: {why}")
+            return
+        if not d.arg.startswith("@"):
+            raise ConfigError(f"{d.where}: a label's name starts with @, got {d.arg!r}")
+        for child in d.children:
+            if child.name == "match":
+                self._match(child, label=d.arg)
+            elif child.name == "filter":
+                self._top(child)  # the same error
+            else:
+                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a <label>")
+
+    # --- sources -------------------------------------------------------------------------
+
+    def _source(self, d: Directive) -> dict[str, Any]:
+        kind = self._type(d, "<source>")
+        if kind == "forward":
+            source = {"type": "forward", **self._params(d, _FORWARD, "<source> forward")}
+            for child in d.children:
+                if child.name == "security":
+                    source["security"] = self._security(child)
+                elif child.name == "transport" and child.arg in ("", "tcp"):
+                    self._params(child, Section(rules={}), "<transport tcp>")
+                elif child.name == "transport" and child.arg == "tls":
+                    source["tls"] = self._params(child, _TLS, "<transport tls>")
+                else:
+                    raise ConfigError(f"{child.where}: <{child.name} {child.arg}> is not "
+                                      "supported in a forward source")  # fmt: skip
+            return source
+        if kind == "http":
+            source = {"type": "http", **self._params(d, _HTTP, "<source> http")}
+            for child in d.children:
+                raise ConfigError(f"{child.where}: <{child.name}> is not supported in an http "
+                                  "source (bodies are JSON, msgpack or form, as in_http's default)")
+            return source
+        raise ConfigError(f"{d.where}: <source> @type {kind} is not supported: the aggregator's "
+                          "inputs are forward and http")  # fmt: skip
+
+    def _security(self, d: Directive) -> dict[str, Any]:
+        security = self._params(d, _SECURITY, "<security>")
+        for child in d.children:
+            if child.name == "user":
+                security.setdefault("users", []).append(self._params(child, _USER, "<user>"))
+            elif child.name == "client":
+                security.setdefault("clients", []).append(self._params(child, _CLIENT,
+                                                                       "<client>"))  # fmt: skip
+            else:
+                raise ConfigError(f"{child.where}: <{child.name}> is not supported in <security>")
+        return security
+
+    # --- outputs -------------------------------------------------------------------------
+
+    def _match(self, d: Directive, label: str | None) -> None:
+        if not d.arg:
+            raise ConfigError(f"{d.where}: <match> needs a tag pattern")
+        kind = self._type(d, "<match>")
+        name = self._name(d, kind)
+        if kind == "kinesis_firehose":
+            dest = self._firehose(d)
+        elif kind in ("null", "stdout"):
+            dest = {"type": kind, **self._params(d, _SIMPLE_OUTPUT, f"<match> {kind}")}
+            if kind == "stdout":
+                self._warn(d.where, "stdout writes one JSON object per line, not Fluentd's "
+                           "'time tag record' format")  # fmt: skip
+            for child in d.children:
+                if child.name == "buffer":
+                    dest["buffer"] = self._params(child, _BUFFER, "<buffer>")
+                elif child.name == "inject":
+                    dest["inject"] = self._inject(child)
+                else:
+                    raise ConfigError(f"{child.where}: <{child.name}> is not supported in a "
+                                      f"{kind} output")  # fmt: skip
+        elif kind == "file":
+            dest = self._file(d, f"{d.where}")
+        else:
+            raise ConfigError(f"{d.where}: <match> @type {kind} is not supported: outputs are "
+                              "kinesis_firehose, file, stdout and null")  # fmt: skip
+        self.data["destinations"][name] = dest
+        route: dict[str, Any] = {"match": d.arg, "destination": name}
+        if label is not None:
+            route["label"] = label
+        self.data["routes"].append(route)
+
+    def _firehose(self, d: Directive) -> dict[str, Any]:
+        params = dict(d.params)
+        append = params.pop("append_new_line", None)
+        if append is not None and fluent_bool(append.value, append.where) is not True:
+            raise ConfigError(f"{append.where}: append_new_line false is not supported: every "
+                              "record ends with a newline")  # fmt: skip
+        for key in ("aws_key_id", "aws_sec_key", "aws_ses_token"):
+            if key in params:
+                raise ConfigError(f"{params[key].where}: {key} is not supported: credentials "
+                                  "come from the standard AWS chain (the ECS task role, or "
+                                  "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")  # fmt: skip
+        dest = {"type": "firehose",
+                **self._params(Directive(d.name, d.arg, d.where, params), _FIREHOSE,
+                               "<match> kinesis_firehose")}  # fmt: skip
+        if "delivery_stream" not in dest:
+            raise ConfigError(f"{d.where}: kinesis_firehose needs delivery_stream_name")
+        for child in d.children:
+            if child.name == "buffer":
+                if child.arg not in ("", "tag"):
+                    self._warn(child.where, f"<buffer {child.arg}>: chunk keys ignored; chunks "
+                               "are per destination")  # fmt: skip
+                dest["buffer"] = self._params(child, _BUFFER, "<buffer>")
+            elif child.name == "secondary":
+                dest["secondary"] = self._secondary(child, self._name(d, "firehose"))
+            elif child.name == "inject":
+                dest["inject"] = self._inject(child)
+            elif child.name == "format":
+                self._json_format(child)
+            else:
+                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a "
+                                  "kinesis_firehose output")  # fmt: skip
+        return dest
+
+    def _file(self, d: Directive, where: str) -> dict[str, Any]:
+        params = dict(d.params)
+        path = params.pop("path", None) or params.pop("directory", None)
+        if path is None:
+            raise ConfigError(f"{where}: a file output needs path")
+        if any(mark in path.value for mark in ("%", "${tag", "${chunk_id")):
+            raise ConfigError(f"{path.where}: placeholders in path are not supported: files are "
+                              "named PREFIX.<start time>.<n>.ndjson in one directory")  # fmt: skip
+        for key, why in (("append", "files are rotated by size"),
+                         ("basename", "files are named PREFIX.<start time>.<n>.ndjson"),
+                         ("compress", "files are written uncompressed"),
+                         ("symlink_path", ""), ("add_path_suffix", ""), ("path_suffix", ""),
+                         ("@log_level", _COMMON_IGNORED["@log_level"])):  # fmt: skip
+            if key in params:
+                self._warn(params.pop(key).where, f"{key} ignored" + (f": {why}" if why else ""))
+        params.pop("@type", None)
+        params.pop("@id", None)
+        for key, param in params.items():
+            raise ConfigError(f"{param.where}: {key} is not supported in a file output")
+        directory, prefix = os.path.split(path.value.rstrip("/"))
+        self._warn(where, f"file output: NDJSON files in {directory or '.'} named "
+                   f"{prefix}.<start time>.<n>.ndjson (not Fluentd's file names or format)")
+        dest: dict[str, Any] = {"type": "file", "path": directory or ".", "prefix": prefix}
+        for child in d.children:
+            if child.name == "buffer":
+                dest["buffer"] = self._params(child, _BUFFER, "<buffer>")
+            elif child.name == "format":
+                self._json_format(child)
+            elif child.name == "inject":
+                dest["inject"] = self._inject(child)
+            else:
+                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a file "
+                                  "output")  # fmt: skip
+        return dest
+
+    def _secondary(self, d: Directive, primary: str) -> str:
+        kind = self._type(d, "<secondary>")
+        if kind not in ("file", "secondary_file"):
+            raise ConfigError(f"{d.where}: <secondary> @type {kind} is not supported: file or "
+                              "secondary_file")  # fmt: skip
+        name = f"{primary}_secondary"
+        self.data["destinations"][name] = self._file(d, d.where)
+        return name
+
+    def _inject(self, d: Directive) -> dict[str, Any]:
+        params = dict(d.params)
+        time_type = params.pop("time_type", None)
+        time_format = params.pop("time_format", None)
+        inject = self._params(Directive(d.name, d.arg, d.where, params), _INJECT, "<inject>")
+        kind = time_type.value if time_type else "float"
+        if kind == "float":
+            inject["time_format"] = "epoch"
+        elif kind == "string" and (time_format is None or time_format.value.startswith(
+                "%Y-%m-%dT%H:%M:%S")):  # fmt: skip
+            inject["time_format"] = "iso8601"
+            if time_format is not None and time_format.value not in ("%Y-%m-%dT%H:%M:%S.%LZ",
+                                                                     "%Y-%m-%dT%H:%M:%S.%L%z"):
+                self._warn(time_format.where, f"time_format {time_format.value!r} becomes "
+                           "ISO 8601 with milliseconds in UTC (2024-01-31T12:00:00.123Z)")
+        elif kind == "unixtime":
+            inject["time_format"] = "epoch"
+            self._warn(d.where, "time_type unixtime becomes epoch seconds with a fraction")
+        else:
+            where = time_type.where if time_type else d.where
+            raise ConfigError(f"{where}: time_type {kind} with time_format "
+                              f"{time_format.value if time_format else ''!r} is not supported: "
+                              "float, unixtime or ISO 8601 strings")  # fmt: skip
+        return inject
+
+    def _json_format(self, d: Directive) -> None:
+        kind = d.params.get("@type")
+        if kind is not None and kind.value != "json":
+            raise ConfigError(f"{kind.where}: <format> @type {kind.value} is not supported: "
+                              "records are written as JSON")  # fmt: skip
+
+    # --- shared ----------------------------------------------------------------------------
+
+    def _type(self, d: Directive, what: str) -> str:
+        kind = d.params.get("@type") or d.params.get("type")
+        if kind is None:
+            raise ConfigError(f"{d.where}: {what} needs @type")
+        return kind.value
+
+    def _name(self, d: Directive, kind: str) -> str:
+        ident = d.params.get("@id")
+        if ident is not None:
+            return re.sub(r"[^\w-]", "_", ident.value)
+        n = sum(1 for name in self.data["destinations"] if name.startswith(kind))
+        return f"{kind}_{n + 1}"
+
+    def _params(self, d: Directive, section: Section, what: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, param in d.params.items():
+            if key in ("@type", "type") and what != "<buffer>":
+                continue  # read by _type
+            if key == "@id" and d.name == "match":
+                continue  # read by _name
+            if key in section.rules:
+                ours, read = section.rules[key]
+                out[ours] = read(param.value, param.where)
+            elif key in section.ignored:
+                why = section.ignored[key]
+                self._warn(param.where, f"{what}: {key} ignored" + (f": {why}" if why else ""))
+            else:
+                raise ConfigError(f"{param.where}: {what}: {key} is not supported")
+        return out
+
+
+def convert_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """``path`` (a fluent.conf) as configuration data, and the warnings about what was
+    dropped; ConfigError with the file and line for what cannot be converted."""
+    converter = Converter()
+    return converter.convert(parse(path)), converter.warnings
+
+
+def looks_like_fluentd(path: str | Path, text: str) -> bool:
+    """Whether a config file is Fluentd's (by name, else by its first directive)."""
+    suffix = Path(path).suffix
+    if suffix == ".toml":
+        return False
+    if suffix == ".conf":
+        return True
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            return line.startswith(("<", "@include"))
+    return False
