@@ -11,10 +11,11 @@ RUN python3 -m venv /opt/aggregator
 COPY pyproject.toml README.md ./
 COPY aggregator ./aggregator
 # Wheels first (ours and every dependency), then an install from them alone: what the runtime
-# gets is exactly what was built here.
+# gets is exactly what was built here, without pip (nothing is installed at run time).
 RUN /opt/aggregator/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/aggregator/bin/pip wheel --no-cache-dir --wheel-dir /wheels . \
- && /opt/aggregator/bin/pip install --no-cache-dir --no-index --find-links /wheels aggregator
+ && /opt/aggregator/bin/pip install --no-cache-dir --no-index --find-links /wheels aggregator \
+ && /opt/aggregator/bin/pip uninstall --yes pip setuptools
 
 FROM ${BASE}
 # tini: a PID 1 that forwards SIGTERM to the supervisor and reaps any orphaned process.
