@@ -192,30 +192,37 @@ def _is_env(value: str) -> bool:
     return "${" in value.replace("$${", "")
 
 
-def fluent_size(value: str, where: str) -> int | str:
-    """Bytes, as Fluentd's ``size`` type reads them: k, m, g, t are binary, case ignored."""
+_SIZE_UNITS = (("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30), ("t", 1 << 40))
+_TIME_UNITS = (("s", 1), ("m", 60), ("h", 3600), ("d", 86400))
+
+
+def _number(value: str, where: str, kind: str, number: type[int] | type[float],
+            units: tuple[tuple[str, int], ...] = (), flags: int = 0) -> Any:  # fmt: skip
+    """A number as Fluentd's config types read it: the first digits followed by a unit
+    anywhere in the value (so "2GB" is 2 GiB), else the whole value as a number."""
     if _is_env(value):
         return value
-    for unit, factor in (("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30), ("t", 1 << 40)):
-        if m := re.search(r"([0-9]+)" + unit, value, re.IGNORECASE):
-            return int(m.group(1)) * factor
+    for unit, factor in units:
+        if m := re.search(r"([0-9]+)" + unit, value, flags):
+            return number(int(m.group(1)) * factor)
     try:
-        return int(value)
+        return number(value)
     except ValueError:
-        raise ConfigError(f"{where}: invalid size {value!r}") from None
+        raise ConfigError(f"{where}: invalid {kind} {value!r}") from None
+
+
+def fluent_size(value: str, where: str) -> int | str:
+    """Bytes, as Fluentd's ``size`` type: k, m, g, t are binary, in either case."""
+    return _number(value, where, "size", int, _SIZE_UNITS, re.IGNORECASE)  # type: ignore[no-any-return]
 
 
 def fluent_time(value: str, where: str) -> float | str:
-    """Seconds, as Fluentd's ``time`` type reads them: s, m, h, d suffixes, else a number."""
-    if _is_env(value):
-        return value
-    for unit, factor in (("s", 1), ("m", 60), ("h", 3600), ("d", 86400)):
-        if m := re.search(r"([0-9]+)" + unit, value):
-            return float(int(m.group(1)) * factor)
-    try:
-        return float(value)
-    except ValueError:
-        raise ConfigError(f"{where}: invalid time {value!r}") from None
+    """Seconds, as Fluentd's ``time`` type: s, m, h, d suffixes, else a number."""
+    return _number(value, where, "time", float, _TIME_UNITS)  # type: ignore[no-any-return]
+
+
+def fluent_int(value: str, where: str) -> int | str:
+    return _number(value, where, "integer", int)  # type: ignore[no-any-return]
 
 
 def fluent_bool(value: str, where: str) -> bool | str:
@@ -226,15 +233,6 @@ def fluent_bool(value: str, where: str) -> bool | str:
     if value in ("false", "no"):
         return False
     raise ConfigError(f"{where}: invalid boolean {value!r} (true or false)")
-
-
-def fluent_int(value: str, where: str) -> int | str:
-    if _is_env(value):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{where}: invalid integer {value!r}") from None
 
 
 def fluent_array(value: str, where: str) -> list[str]:
