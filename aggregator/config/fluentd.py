@@ -291,38 +291,35 @@ _COMMON_IGNORED = {
     "@log_level": "per-plugin log levels are not supported: [server] log_level applies",
 }
 
+_LISTENER_RULES: dict[str, Rule] = {
+    "port": ("port", fluent_int), "bind": ("bind", _text),
+    "@id": ("name", _text), "@label": ("label", _text),
+}  # fmt: skip
+_LISTENER_IGNORED = {
+    **_COMMON_IGNORED,
+    "backlog": "the kernel's default listen backlog is used",
+    "blocking_timeout": "not needed by this implementation",
+}
 _FORWARD = Section(
-    rules={
-        "port": ("port", fluent_int), "bind": ("bind", _text),
-        "chunk_size_limit": ("message_length_limit", fluent_size),
-        "@id": ("name", _text), "@label": ("label", _text),
-    },
+    rules={**_LISTENER_RULES, "chunk_size_limit": ("message_length_limit", fluent_size)},
     ignored={
-        **_COMMON_IGNORED,
+        **_LISTENER_IGNORED,
         "chunk_size_warn_limit": "no warning size: messages over message_length_limit are refused",
         "skip_invalid_event": "an invalid event is always skipped and counted here",
         "linger_timeout": "connections are closed at a safe moment instead (see README)",
         "resolve_hostname": "peers are logged by address",
         "send_keepalive_packet": "TCP keepalive is always on (keepalive_idle)",
-        "backlog": "the kernel's default listen backlog is used",
-        "blocking_timeout": "not needed by this implementation",
         "deny_keepalive": "connections stay open as clients keep them",
     },
 )
 _HTTP = Section(
     rules={
-        "port": ("port", fluent_int), "bind": ("bind", _text),
+        **_LISTENER_RULES,
         "body_size_limit": ("body_size_limit", fluent_size),
         "keepalive_timeout": ("keepalive_timeout", fluent_time),
         "cors_allow_origins": ("cors_allow_origins", fluent_array),
-        "@id": ("name", _text), "@label": ("label", _text),
     },
-    ignored={
-        **_COMMON_IGNORED,
-        "backlog": "the kernel's default listen backlog is used",
-        "blocking_timeout": "not needed by this implementation",
-        "dump_error_log": "errors are logged (throttled) and counted",
-    },
+    ignored={**_LISTENER_IGNORED, "dump_error_log": "errors are logged (throttled) and counted"},
 )
 _SECURITY = Section(
     rules={
