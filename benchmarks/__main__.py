@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from aggregator.config.units import parse_size
 from aggregator.emulator.__main__ import add_fault_arguments
-from benchmarks import abuse, connections, redeploy, sizing
-from benchmarks.config import RunConfig
+from benchmarks import abuse, connections, redeploy, report, sizing
+from benchmarks.config import SUBJECTS, RunConfig
 from benchmarks.runner import run_benchmark
 from benchmarks.templates import MODES
 
@@ -93,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.sample_every,
         help="latency: read the send time of 1 event in K",
     )
+    peers = run.add_argument_group("a peer under the same load")
+    peers.add_argument(
+        "--peer", choices=SUBJECTS[1:],
+        help="after the aggregator, run this peer with the same load and sink; print both "
+        "and their ratios",
+    )  # fmt: skip
+    peers.add_argument(
+        "--peer-bin", type=Path, metavar="PATH",
+        help="the peer's executable (default: ../shared/peers/fluent-bit)",
+    )  # fmt: skip
     output = run.add_argument_group("output")
     output.add_argument(
         "--json",
@@ -204,6 +215,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         drain_timeout=args.drain_timeout,
         json_path=args.json,
         profile=args.profile,
+        peer_bin=args.peer_bin,
     )
 
 
@@ -244,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             print(result.render())
             return result.exit_status
-        return run_benchmark(config).exit_status
+        ours = run_benchmark(config)
+        if args.peer is None:
+            return ours.exit_status
+        peer_config = dataclasses.replace(config, subject=args.peer, json_path=None)
+        theirs = run_benchmark(peer_config)
+        print(report.comparison(ours.to_json(), theirs.to_json()))
+        return max(ours.exit_status, theirs.exit_status)
     except KeyboardInterrupt:
         return 130
     except (RuntimeError, OSError) as exc:  # a part did not start, or the machine refused

@@ -11,6 +11,8 @@ from typing import Any
 from aggregator.config.units import parse_duration, parse_size
 from benchmarks.templates import MODES, Mode, make_record
 
+SUBJECTS = ("aggregator", "fluent-bit")
+"""What a run can measure: this project, or a peer under the identical load (benchmarks/peer.py)."""
 DRAIN_GRACE = 30.0
 """Seconds, beyond one flush interval, that the runner waits for the last events to arrive."""
 
@@ -50,6 +52,10 @@ class RunConfig:
     """Where the result goes; None: benchmarks/results/<timestamp>-<mode>.json."""
     profile: bool = False
     """cProfile the workers (slower figures; a report of where the time goes)."""
+    subject: str = "aggregator"
+    """What is measured: the aggregator, or a peer (fluent-bit) with the same load and sink."""
+    peer_bin: Path | None = None
+    """The peer's executable; None: the workplace's build (benchmarks/peer.py)."""
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -59,6 +65,10 @@ class RunConfig:
     def _problems(self) -> Iterator[str]:
         if self.mode not in MODES:
             yield f"mode must be one of {', '.join(MODES)}"
+        if self.subject not in SUBJECTS:
+            yield f"subject must be one of {', '.join(SUBJECTS)}"
+        if self.subject != "aggregator" and (self.profile or self.aggregate):
+            yield "--profile and --aggregate are the aggregator's; a peer runs without them"
         for name in ("workers", "batch", "connections", "flush_threads", "sample_every"):
             if getattr(self, name) < 1:
                 yield f"{name} must be at least 1"
@@ -126,6 +136,7 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         settings = asdict(self)
         settings["json_path"] = None if self.json_path is None else str(self.json_path)
+        settings["peer_bin"] = None if self.peer_bin is None else str(self.peer_bin)
         settings["senders"] = self.sender_processes
         settings["events_per_message"] = self.events_per_message
         return settings

@@ -35,9 +35,10 @@ class ProgressLine:
         self._width = 0
 
 
-def default_json_path(mode: str, now: float | None = None) -> Path:
+def default_json_path(mode: str, now: float | None = None, subject: str = "aggregator") -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return RESULTS_DIR / f"{stamp}-{mode}.json"
+    suffix = "" if subject == "aggregator" else f"-{subject}"
+    return RESULTS_DIR / f"{stamp}-{mode}{suffix}.json"
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
@@ -61,6 +62,7 @@ def describe(config: dict[str, Any]) -> str:
     rate = "as fast as taken" if not config["rate"] else f"{config['rate']:,.0f} ev/s"
     workers = f"{config['workers']} worker" + ("s" if config["workers"] > 1 else "")
     parts = [
+        config.get("subject", "aggregator"),
         mode,
         workers,
         f"{config['connections']} connections",
@@ -146,11 +148,32 @@ def _optional_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
 def table(result: dict[str, Any]) -> str:
     """The terminal summary of a result (the same figures as its JSON)."""
     rows = _rows(result) + _optional_rows(result)
-    rows.append(("aggregator exit", str(result["aggregator_exit_status"])))
+    rows.append(("exit status", str(result["aggregator_exit_status"])))
     width = max(len(name) for name, _ in rows)
     lines = [f"benchmark: {describe(result['config'])}", "-" * 78]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
     lines += [f"!! {problem}" for problem in result["problems"]]
     if result["lost_events"] or result["duplicated_events"]:
         lines.append(verdict(result))
+    return "\n".join(lines)
+
+
+def comparison(ours: dict[str, Any], peer: dict[str, Any]) -> str:
+    """The aggregator and a peer measured under the same load, side by side, with ratios."""
+    name = peer["config"]["subject"]
+    rows = [
+        ("CPU-s per million events", "seconds_per_million_events", "cpu", 1.0, "{:.2f}"),
+        ("events/s per core", "per_core_events_per_s", "cpu", 1.0, "{:,.0f}"),
+        ("peak RSS, MiB", "peak_rss_bytes_per_worker", "memory", 2**-20, "{:,.0f}"),
+    ]
+    lines = [f"side by side: aggregator / {name} (same load, same sink, one run)", "-" * 78]
+    for label, key, group, scale, fmt in rows:
+        a, b = ours[group][key], peer[group][key]
+        if isinstance(a, list):  # per worker: the largest
+            a, b = max(a, default=0), max(b, default=0)
+        if a is None or b is None:
+            continue
+        ratio = f"{a / b:.2f}x" if b else "-"
+        lines.append(f"{label:<26} {fmt.format(a * scale):>12}  {fmt.format(b * scale):>12}  "
+                     f"ratio {ratio}")  # fmt: skip
     return "\n".join(lines)

@@ -66,7 +66,9 @@ class RunResult:
     def all_problems(self) -> list[str]:
         problems = list(self.problems) + self.sent.errors
         if self.aggregator_exit_status != 0:
-            problems.append(f"the aggregator exited with status {self.aggregator_exit_status}")
+            problems.append(
+                f"{self.config.subject} exited with status {self.aggregator_exit_status}"
+            )
         if self.sent.ack_mismatches:
             problems.append(f"{self.sent.ack_mismatches} acks did not match their message")
         if self.stall is not None and self.stall["rss_within_bound"] is False:

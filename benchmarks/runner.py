@@ -18,11 +18,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from benchmarks import procfs, profiler
 from benchmarks.config import RunConfig
 from benchmarks.loadgen import LoadGenerator, LoadSpec, Progress
+from benchmarks.peer import DEFAULT_PEER_BIN, FluentBit
 from benchmarks.report import ProgressLine, default_json_path, table, write_json
 from benchmarks.result import RunResult
 from benchmarks.service import Service, render_config
@@ -64,13 +65,36 @@ def load_spec(config: RunConfig, port: int) -> LoadSpec:
     )
 
 
+class Subject(Protocol):
+    """What a run measures: the aggregator (Service) or a peer (FluentBit)."""
+
+    forward_port: int
+    log_path: Path
+
+    def cpu_seconds(self) -> float: ...
+    def worker_memory(self, field: str) -> dict[int, int]: ...
+    def has_finished(self, sent_events: int) -> bool: ...
+    def stop(self, timeout: float = ...) -> int: ...
+    def kill(self) -> None: ...
+
+
+def start_subject(
+    config: RunConfig, sink_url: str, workdir: Path, extra_env: dict[str, str] | None
+) -> Subject:
+    if config.subject == "fluent-bit":
+        binary = config.peer_bin or DEFAULT_PEER_BIN
+        return FluentBit.start(binary, sink_url, config.flush_interval_s, config.workers, workdir)
+    config_text = render_config(config, sink_url)
+    return Service.start(config_text, config.workers, workdir, extra_env=extra_env)
+
+
 @dataclass
 class _Harness:
     """The three parts of a run, started."""
 
     config: RunConfig
     sink: SinkProcess
-    service: Service
+    service: Subject
     load: LoadGenerator
     progress: ProgressLine
 
@@ -79,7 +103,7 @@ def run_benchmark(config: RunConfig, out: TextIO | None = None) -> RunResult:
     """Run once, print the progress and the table on ``out``, write the JSON file."""
     out = sys.stdout if out is None else out
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    json_path = config.json_path or default_json_path(config.mode)
+    json_path = config.json_path or default_json_path(config.mode, subject=config.subject)
     with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         profile_dir = workdir / "profile"
@@ -87,15 +111,14 @@ def run_benchmark(config: RunConfig, out: TextIO | None = None) -> RunResult:
         extra_env = profiler.profiler_env(profile_dir) if config.profile else None
         sink = SinkProcess(sink_args(config), workdir / "sink.log")
         stack.callback(sink.stop)
-        config_text = render_config(config, sink.url)
-        service = Service.start(config_text, config.workers, workdir, extra_env=extra_env)
+        service = start_subject(config, sink.url, workdir, extra_env)
         stack.callback(service.kill)
         load = LoadGenerator(load_spec(config, service.forward_port))
         stack.callback(load.close)
         load.connect()
         result = _measure(_Harness(config, sink, service, load, ProgressLine(out)), started_at)
         if not result.ok:  # the temporary directory goes: keep what explains the failure
-            log_copy = json_path.with_suffix(".aggregator.log")
+            log_copy = json_path.with_suffix(f".{config.subject}.log")
             log_copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(service.log_path, log_copy)
             result.problems.append(f"the aggregator's log is in {log_copy}")
@@ -138,7 +161,7 @@ def _measure(harness: _Harness, started_at: str) -> RunResult:
         exit_status = service.stop()
     except subprocess.TimeoutExpired:
         exit_status = None
-        problems.append("the aggregator did not stop in time after SIGTERM (killed)")
+        problems.append(f"{config.subject} did not stop in time after SIGTERM (killed)")
     final = sink.bench_stats()
     return RunResult(
         config=config,
