@@ -104,7 +104,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("send rate", f"{_n(sent['events_per_s'])} events/s"),
         ("throughput", _rates(delivered["events_per_s"], delivered["mb_per_s"])),
         ("PutRecordBatch", f"{calls} ({firehose['calls']:,} calls)"),
-        ("aggregator CPU", f"{cpu['seconds']:.2f} s, {_n(cpu['utilisation'], 2)} cores busy"),
+        ("CPU", f"{cpu['seconds']:.2f} s, {_n(cpu['utilisation'], 2)} cores busy"),
         ("CPU per 1M events", f"{_n(cpu['seconds_per_million_events'], 2)} s"),
         ("CPU per GB", f"{_n(cpu['seconds_per_gb'], 1)} s"),
         ("per core", _rates(cpu["per_core_events_per_s"], cpu["per_core_mb_per_s"])),

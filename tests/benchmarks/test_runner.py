@@ -99,3 +99,22 @@ def test_bad_settings_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> N
         main(["run", "--stall-at", "1"])
     assert exited.value.code == 2
     assert "stall_at and stall_for go together" in capsys.readouterr().err
+
+
+def test_a_peer_takes_the_same_load_and_is_compared(tmp_path: Path) -> None:
+    from benchmarks.peer import DEFAULT_PEER_BIN
+    from benchmarks.report import comparison
+
+    if not DEFAULT_PEER_BIN.exists():
+        pytest.skip(f"no Fluent Bit build at {DEFAULT_PEER_BIN} on this machine")
+    ours = run_benchmark(small(tmp_path), io.StringIO())
+    out = io.StringIO()
+    theirs = run_benchmark(
+        small(tmp_path, subject="fluent-bit", json_path=tmp_path / "peer.json"), out
+    )
+    assert theirs.exit_status == 0, out.getvalue()
+    assert theirs.delivered_events == theirs.sent.events > 0
+    assert "benchmark: fluent-bit, message" in out.getvalue()
+    text = comparison(ours.to_json(), theirs.to_json())
+    assert "aggregator / fluent-bit" in text and "ratio" in text
+    assert "CPU-s per million events" in text
