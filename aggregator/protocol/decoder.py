@@ -143,8 +143,6 @@ class ForwardDecoder:
         message (the handshake's PING is not one); None when more bytes are needed."""
         if self._error is not None:
             self._check_alive()
-        # Runs once per message (Docker's driver sends one event per message): msgpack's
-        # errors are turned into ProtocolError here, not in a helper, to save a call each time.
         try:
             while True:
                 try:
@@ -156,9 +154,8 @@ class ForwardDecoder:
                         return None
                     if self._fed - self._start >= self._max:
                         # The message being decoded alone fills the limit and is not done.
-                        raise ProtocolError(
-                            "message_too_large", f"over {self._max} bytes"
-                        ) from None
+                        too_large = f"over {self._max} bytes"
+                        raise ProtocolError("message_too_large", too_large) from None
                     self._feed_backlog()
                     continue
                 end = self._unpacker.tell()
@@ -166,26 +163,28 @@ class ForwardDecoder:
                 self._start = end
                 if obj is not None:  # nil is a heartbeat
                     return obj, nbytes
-        except msgpack.BufferFull as exc:
-            self._error = ProtocolError("message_too_large", f"over {self._max} bytes")
+        except Exception as exc:
+            self._error = self._protocol_error(exc)
             raise self._error from exc
-        except ValueError as exc:  # FormatError, StackError, bad timestamp, limits
-            if _is_size_limit(exc):
-                self._error = ProtocolError("message_too_large", str(exc))
-            else:
-                self._error = ProtocolError("not_msgpack", _describe(exc))
-            raise self._error from exc
-        except TypeError as exc:  # a map key that Python cannot hash (array or map)
-            self._error = ProtocolError("not_msgpack", _describe(exc))
-            raise self._error from exc
-        except ProtocolError as exc:  # from the EventTime hook, or the size check above
-            self._error = exc
-            raise
+
+    def _protocol_error(self, exc: Exception) -> ProtocolError:
+        """What msgpack (or the EventTime hook) raised, as the protocol error it means."""
+        if isinstance(exc, ProtocolError):
+            return exc
+        if isinstance(exc, msgpack.BufferFull):
+            return ProtocolError("message_too_large", f"over {self._max} bytes")
+        if isinstance(exc, ValueError) and _is_size_limit(exc):  # limits, FormatError...
+            return ProtocolError("message_too_large", str(exc))
+        if isinstance(exc, ValueError | TypeError):  # TypeError: an unhashable map key
+            return ProtocolError("not_msgpack", _describe(exc))
+        raise exc  # a bug, not input: let it be seen
 
     def next_batch(self, max_entries: int = DEFAULT_BATCH_ENTRIES) -> Batch | None:
         """The next message merged with the complete messages right after it that have the same
         tag, up to about ``max_entries`` entries; None when more bytes are needed. Bad input
         after the first message ends the batch; the error is raised by the next call."""
+        if self._error is not None:
+            self._check_alive()
         first = self._lookahead
         self._lookahead = None
         if first is None:
@@ -195,19 +194,44 @@ class ForwardDecoder:
         batch = Batch(first.tag, first.entries, [], first.nbytes)
         if first.chunk is not None:
             batch.chunks.append(first.chunk)
-        entries, chunks = batch.entries, batch.chunks
+        tag, entries, chunks = batch.tag, batch.entries, batch.chunks
         max_size, entries_limit = self._max, self._max_entries
+        next_obj, tell = self._next, self._unpacker.tell
         while len(entries) < max_entries:
-            # next_message() inlined: this loop runs once per message of a busy connection
+            # This loop runs once per message of a busy connection (Docker's driver sends one
+            # event per message), so the common case is inline: one more Message-mode event
+            # with this batch's tag, already in the unpacker. Anything else (no complete
+            # message, an error, another shape or tag) takes next_raw() and parse_message().
             try:
-                raw = self.next_raw()
-                if raw is None:
-                    break
-                message = parse_message(raw[0], raw[1], max_size, entries_limit)
+                obj = next_obj()
+            except StopIteration:
+                obj = _NEED_DATA
+            except Exception as exc:
+                self._error = self._protocol_error(exc)  # the next call raises it
+                break
+            if obj is not _NEED_DATA:
+                end = tell()
+                nbytes = end - self._start
+                self._start = end
+                if (type(obj) is list and len(obj) == 3 and obj[0] == tag
+                        and (type(obj[1]) is float or type(obj[1]) is int)):  # fmt: skip
+                    entries.append([obj[1], obj[2]])
+                    batch.nbytes += nbytes
+                    continue
+                if obj is None:  # a heartbeat
+                    continue
+            try:
+                if obj is _NEED_DATA:  # the backlog may hold more; a new unpacker may come
+                    raw = self.next_raw()
+                    next_obj, tell = self._next, self._unpacker.tell
+                    if raw is None:
+                        break
+                    obj, nbytes = raw
+                message = parse_message(obj, nbytes, max_size, entries_limit)
             except ProtocolError as exc:
                 self._error = exc  # the next call raises it
                 break
-            if message.tag != batch.tag:
+            if message.tag != tag:
                 self._lookahead = message
                 break
             entries += message.entries
