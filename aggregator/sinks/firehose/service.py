@@ -5,9 +5,9 @@ classifies: records refused inside a successful call are retried, whole-call err
 passing (:class:`RetryableError`) or final (the lines are rejected with the error code as the
 reason).
 
-botocore finds and refreshes credentials (the standard chain: env, ECS task role...) and signs
-(SigV4); the endpoint is Firehose's public one for the region unless ``endpoint_url`` (or the
-SDKs' AWS_ENDPOINT_URL_FIREHOSE / AWS_ENDPOINT_URL) is set;
+botocore finds and refreshes credentials (the standard chain: env, ECS task role...);
+signing.py signs (SigV4); the endpoint is Firehose's public one for the region unless
+``endpoint_url`` (or the SDKs' AWS_ENDPOINT_URL_FIREHOSE / AWS_ENDPOINT_URL) is set;
 the request body and the response are handled here, because
 botocore's generic JSON serializer and parser cost several microseconds per record, which at
 tens of thousands of records a second is most of a core. The wire format is AWS JSON 1.1:
@@ -27,8 +27,6 @@ from typing import Any, NamedTuple
 import aiohttp
 import orjson
 from aiobotocore.session import AioSession
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
 from botocore.exceptions import (
     CredentialRetrievalError,
     NoCredentialsError,
@@ -39,6 +37,7 @@ from aggregator.config.model import FirehoseDestination
 from aggregator.metrics import FIREHOSE_FAILED_RECORDS, FIREHOSE_REQUESTS
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
 from aggregator.sinks.firehose.request_builder import Batch
+from aggregator.sinks.firehose.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +168,7 @@ class FirehoseService:
         self._credentials_lock = asyncio.Lock()
         self._url = ""
         self._region = ""
+        self._signer: Signer | None = None
         # Bound once: .labels() is a dict lookup under a lock, not free on every call.
         self._ok = FIREHOSE_REQUESTS.labels(destination, "ok")
         self._partial = FIREHOSE_REQUESTS.labels(destination, "partial")
@@ -189,6 +189,7 @@ class FirehoseService:
         self._region = region
         # Not a botocore client: its endpoint and service models cost ~20 MiB per worker.
         self._url = settings.endpoint_url or configured_endpoint() or default_endpoint(region)
+        self._signer = Signer(self._url, region, CONTENT_TYPE, TARGET)
         self._session = session
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=MAX_POOL_CONNECTIONS),
@@ -228,14 +229,8 @@ class FirehoseService:
         credentials = await self._resolve_credentials()
         # Refreshes the task role's credentials ahead of their expiry.
         frozen = await credentials.get_frozen_credentials()
-        request = AWSRequest(
-            method="POST",
-            url=self._url,
-            data=body,
-            headers={"Content-Type": CONTENT_TYPE, "X-Amz-Target": TARGET},
-        )
-        SigV4Auth(frozen, "firehose", self._region).add_auth(request)
-        return dict(request.headers.items())
+        assert self._signer is not None
+        return self._signer.headers(body, frozen.access_key, frozen.secret_key, frozen.token)
 
     async def put_batch(self, batch: Batch) -> WriteResult:
         """Send ``batch`` once. Returns :data:`DELIVERED`, the lines of refused records in
