@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="events/s in total; 0: as fast as the aggregator takes them",
     )
     load.add_argument("--duration", type=float, default=defaults.duration, help="seconds")
+    load.add_argument(
+        "--fleet", action="store_true",
+        help="an ECS cluster's shape: every message in its own write(), as Docker's driver "
+        "sends; use with e.g. --connections 500 --rate 100000 (200 lines/s each)",
+    )  # fmt: skip
     service = run.add_argument_group("aggregator")
     service.add_argument("--workers", type=_positive_int, default=defaults.workers)
     service.add_argument(
@@ -199,6 +204,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         senders=args.senders,
         ack=args.ack,
         rate=args.rate,
+        fleet=args.fleet,
         duration=args.duration,
         aggregate=args.aggregate,
         flush_interval=args.flush_interval,

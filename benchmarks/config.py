@@ -31,6 +31,9 @@ class RunConfig:
     ack: bool = False
     rate: float = 0.0
     """Events per second over all connections; 0: as fast as the aggregator takes them."""
+    fleet: bool = False
+    """The shape of an ECS cluster behind an NLB: every message in its own write(), as
+    Docker's driver sends; meant with hundreds of --connections and a --rate."""
     duration: float = 10.0
     aggregate: bool = False
     flush_interval: str = "1s"
@@ -79,6 +82,8 @@ class RunConfig:
             yield "lose_records must not be negative"
         if self.duration <= 0:
             yield "duration must be positive"
+        if self.fleet and (self.mode != "message" or self.rate <= 0):
+            yield "--fleet is message mode at a set --rate (a few hundred lines/s a connection)"
         if not (self.fail_rate <= 1 and self.throttle_rate <= 1):
             yield "fail and throttle rates are probabilities (0 to 1)"
         try:

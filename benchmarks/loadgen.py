@@ -54,6 +54,9 @@ class LoadSpec:
     rate: float
     """Events per second over every connection; 0: as fast as the server takes them."""
     duration: float
+    one_per_write: bool = False
+    """Each message in a write() of its own, as Docker's driver sends (the fleet shape):
+    the server pays its per-read costs for every message."""
 
 
 @dataclass
@@ -144,6 +147,15 @@ class _Connection:
         started = asyncio.get_running_loop().time()
         sent = 0
         while due := await self._due(sent, started, deadline):
+            if self.spec.one_per_write:
+                for _ in range(due):
+                    writer.write(template.stamp(time.time_ns()))
+                sent += due
+                progress.messages += due
+                progress.events += due * template.events
+                progress.bytes += due * template.size
+                await writer.drain()
+                continue
             n = min(due, per_write)
             data = template.stamp(time.time_ns())
             if n > 1:

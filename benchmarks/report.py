@@ -61,6 +61,8 @@ def describe(config: dict[str, Any]) -> str:
         mode += f" ({config['events_per_message']} events/message)"
     rate = "as fast as taken" if not config["rate"] else f"{config['rate']:,.0f} ev/s"
     workers = f"{config['workers']} worker" + ("s" if config["workers"] > 1 else "")
+    if config.get("fleet"):
+        mode += ", fleet: a write per message"
     parts = [
         config.get("subject", "aggregator"),
         mode,

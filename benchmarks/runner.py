@@ -62,6 +62,7 @@ def load_spec(config: RunConfig, port: int) -> LoadSpec:
         ack=config.ack,
         rate=config.rate,
         duration=config.duration,
+        one_per_write=config.fleet,
     )
 
 
