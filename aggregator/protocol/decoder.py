@@ -98,6 +98,9 @@ class ForwardDecoder:
         self._max_entries = max_entries
         self._renew_unpacker()
         self._lookahead: Message | None = None  # decoded by next_batch, for the next batch
+        # next_batch found nothing more to decode and no bytes have come since: the next call
+        # returns None at once (each call would otherwise raise StopIteration in msgpack).
+        self._drained = False
         # Bytes received but not yet given to the unpacker, which holds at most the limit.
         self._backlog: deque[bytes] = deque()
         self._error: ProtocolError | None = None
@@ -122,6 +125,7 @@ class ForwardDecoder:
         self._check_alive()
         if not data:
             return
+        self._drained = False
         if not self._backlog and self._fed - self._start + len(data) <= self._max:
             self._feed(data)  # the common case: it all fits
         else:
@@ -185,43 +189,53 @@ class ForwardDecoder:
         after the first message ends the batch; the error is raised by the next call."""
         if self._error is not None:
             self._check_alive()
-        first = self._lookahead
-        self._lookahead = None
-        if first is None:
-            first = self.next_message()
-            if first is None:
-                return None
-        batch = Batch(first.tag, first.entries, [], first.nbytes)
-        if first.chunk is not None:
-            batch.chunks.append(first.chunk)
-        tag, entries, chunks = batch.tag, batch.entries, batch.chunks
+        if self._drained and self._lookahead is None:
+            return None  # nothing has arrived since the last call found the unpacker empty
+        batch: Batch | None = None
+        if (first := self._lookahead) is not None:
+            self._lookahead = None
+            batch = _batch_of(first)
         max_size, entries_limit = self._max, self._max_entries
         next_obj, tell = self._next, self._unpacker.tell
-        while len(entries) < max_entries:
-            # This loop runs once per message of a busy connection (Docker's driver sends one
-            # event per message), so the common case is inline: one more Message-mode event
-            # with this batch's tag, already in the unpacker. Anything else (no complete
-            # message, an error, another shape or tag) takes next_raw() and parse_message().
+        # This loop runs once per message (Docker's driver sends one event per message, often
+        # one message per read), so the common case is inline: a Message-mode event without
+        # options, already in the unpacker. Anything else (no complete message, an error,
+        # another shape) takes next_raw() and parse_message().
+        while batch is None or len(batch.entries) < max_entries:
             try:
                 obj = next_obj()
             except StopIteration:
-                obj = _NEED_DATA
+                if self._backlog:  # more bytes wait for room in the unpacker
+                    obj = _NEED_DATA
+                else:
+                    if self._grown and self._start == self._fed:
+                        self._renew_unpacker()
+                    self._drained = True
+                    break
             except Exception as exc:
-                self._error = self._protocol_error(exc)  # the next call raises it
-                break
+                self._error = self._protocol_error(exc)
+                if batch is None:
+                    raise self._error from exc
+                break  # the next call raises it
             if obj is not _NEED_DATA:
                 end = tell()
                 nbytes = end - self._start
                 self._start = end
-                if (type(obj) is list and len(obj) == 3 and obj[0] == tag
-                        and (type(obj[1]) is float or type(obj[1]) is int)):  # fmt: skip
-                    entries.append([obj[1], obj[2]])
-                    batch.nbytes += nbytes
-                    continue
                 if obj is None:  # a heartbeat
                     continue
+                if type(obj) is list and len(obj) == 3 and (
+                    type(obj[1]) is float or type(obj[1]) is int
+                ):
+                    tag = obj[0]
+                    if batch is not None and tag == batch.tag:
+                        batch.entries.append([obj[1], obj[2]])
+                        batch.nbytes += nbytes
+                        continue
+                    if batch is None and type(tag) is str and tag and tag.isascii():
+                        batch = Batch(tag, [[obj[1], obj[2]]], [], nbytes)
+                        continue
             try:
-                if obj is _NEED_DATA:  # the backlog may hold more; a new unpacker may come
+                if obj is _NEED_DATA:
                     raw = self.next_raw()
                     next_obj, tell = self._next, self._unpacker.tell
                     if raw is None:
@@ -229,15 +243,20 @@ class ForwardDecoder:
                     obj, nbytes = raw
                 message = parse_message(obj, nbytes, max_size, entries_limit)
             except ProtocolError as exc:
-                self._error = exc  # the next call raises it
-                break
-            if message.tag != tag:
+                self._error = exc
+                if batch is None:
+                    raise
+                break  # the next call raises it
+            if batch is None:
+                batch = _batch_of(message)
+            elif message.tag == batch.tag:
+                batch.entries += message.entries
+                batch.nbytes += message.nbytes
+                if message.chunk is not None:
+                    batch.chunks.append(message.chunk)
+            else:
                 self._lookahead = message
                 break
-            entries += message.entries
-            batch.nbytes += message.nbytes
-            if message.chunk is not None:
-                chunks.append(message.chunk)
         return batch
 
     def _feed(self, data: bytes) -> None:
@@ -271,6 +290,11 @@ class ForwardDecoder:
     def _fail(self, exc: ProtocolError) -> NoReturn:
         self._error = exc
         raise exc
+
+
+def _batch_of(message: Message) -> Batch:
+    chunks = [] if message.chunk is None else [message.chunk]
+    return Batch(message.tag, message.entries, chunks, message.nbytes)
 
 
 def _describe(exc: Exception) -> str:
