@@ -158,7 +158,7 @@ class ForwardConnection(asyncio.Protocol):
         if self._decoder.pending_bytes:
             if "message" not in self._timers:  # the first byte of a message: its clock starts
                 self._later("message", self._server.settings.message_timeout, self._timed_out)
-        else:
+        elif "message" in self._timers:
             self._cancel("message")
         if self._closing is not None:
             self._close_if_safe()
