@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aggregator.config.units import parse_size
 from aggregator.emulator.__main__ import add_fault_arguments
-from benchmarks import abuse, connections, redeploy, report, sizing
+from benchmarks import abuse, connections, plot, redeploy, report, sizing
 from benchmarks.config import SUBJECTS, RunConfig
 from benchmarks.runner import run_benchmark
 from benchmarks.templates import MODES
@@ -268,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         peer_config = dataclasses.replace(config, subject=args.peer, json_path=None)
         theirs = run_benchmark(peer_config)
         print(report.comparison(ours.to_json(), theirs.to_json()))
+        if ours.json_path is not None:
+            picture = ours.json_path.with_name(ours.json_path.stem + f"-vs-{args.peer}.png")
+            if plot.comparison_png(ours.to_json(), theirs.to_json(), picture):
+                print(f"picture: {picture}")
         return max(ours.exit_status, theirs.exit_status)
     except KeyboardInterrupt:
         return 130

@@ -39,6 +39,9 @@ class RunResult:
     aggregator_exit_status: int | None
     sink_cpu_seconds: float
     problems: list[str] = field(default_factory=list)
+    timeline: list[dict[str, float]] = field(default_factory=list)
+    """A sample about every second: seconds since the load began, events/s sent and
+    delivered, cores busy, the largest worker RSS (bytes)."""
     json_path: Path | None = None
     profile_path: Path | None = None
 
@@ -145,4 +148,5 @@ class RunResult:
             },
             "profile": None if self.profile_path is None else str(self.profile_path),
             "aggregator_exit_status": self.aggregator_exit_status,
+            "timeline": self.timeline,
         }

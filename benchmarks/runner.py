@@ -15,16 +15,16 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, TextIO
 
-from benchmarks import procfs, profiler
+from benchmarks import plot, procfs, profiler
 from benchmarks.config import RunConfig
 from benchmarks.loadgen import LoadGenerator, LoadSpec, Progress
 from benchmarks.peer import DEFAULT_PEER_BIN, FluentBit
-from benchmarks.report import ProgressLine, default_json_path, table, write_json
+from benchmarks.report import ProgressLine, default_json_path, describe, table, write_json
 from benchmarks.result import RunResult
 from benchmarks.service import Service, render_config
 from benchmarks.sink import SinkProcess
@@ -98,6 +98,30 @@ class _Harness:
     service: Subject
     load: LoadGenerator
     progress: ProgressLine
+    started: float = 0.0
+    """When the load began (time.monotonic())."""
+    timeline: list[dict[str, float]] = field(default_factory=list)
+    _last: tuple[float, int, int, float] | None = None
+
+    def sample(self, now: float, sent: int, delivered: int) -> str:
+        """Add a point to the timeline; the progress line's figures."""
+        started = self.started
+        cpu = self.service.cpu_seconds()
+        rss = max(self.service.worker_memory("VmRSS").values(), default=0)
+        last = self._last or (started, 0, 0, cpu)
+        span = max(now - last[0], 1e-9)
+        point = {
+            "t": round(now - started, 2),
+            "sent_per_s": (sent - last[1]) / span,
+            "delivered_per_s": (delivered - last[2]) / span,
+            "cores": (cpu - last[3]) / span,
+            "rss": float(rss),
+        }
+        self.timeline.append(point)
+        self._last = (now, sent, delivered, cpu)
+        return (f"sent {point['sent_per_s']:>10,.0f} ev/s  "
+                f"delivered {point['delivered_per_s']:>10,.0f} ev/s  "
+                f"backlog {max(0, sent - delivered):>10,}  worker RSS {rss / 2**20:5,.0f} MiB")
 
 
 def run_benchmark(config: RunConfig, out: TextIO | None = None) -> RunResult:
@@ -132,6 +156,8 @@ def run_benchmark(config: RunConfig, out: TextIO | None = None) -> RunResult:
     document = result.to_json()
     write_json(document, json_path)
     out.write(table(document) + "\n")
+    picture = plot.run_png(document, json_path.with_suffix(".png"), describe(document["config"]))
+    out.write(f"picture: {picture}\n" if picture else "no picture: matplotlib is not installed\n")
     if profile_text is not None:
         top = "\n".join(profile_text.splitlines()[:PROFILE_LINES])
         out.write(f"{top}\n...\nprofile (slowed down by cProfile): {result.profile_path}\n")
@@ -147,6 +173,8 @@ def _measure(harness: _Harness, started_at: str) -> RunResult:
     cpu_before = service.cpu_seconds()
     started = time.monotonic()
     load.start()
+    harness.started = started
+    harness.sample(started, 0, 0)
     stall = _watch_load(harness, started)
     sent = load.wait(SENDERS_STOP_TIMEOUT)
     problems: list[str] = []
@@ -179,6 +207,7 @@ def _measure(harness: _Harness, started_at: str) -> RunResult:
         aggregator_exit_status=exit_status,
         sink_cpu_seconds=sink_cpu_seconds,
         problems=problems,
+        timeline=harness.timeline,
     )
 
 
@@ -187,7 +216,7 @@ def _watch_load(harness: _Harness, started: float) -> StallWatch | None:
     config, sink, service, load = harness.config, harness.sink, harness.service, harness.load
     watch: StallWatch | None = None
     stalled = False
-    last_shown, last_sent, last_delivered = started, 0, 0
+    last_shown = started
     tick = 0
     while not load.finished:
         tick += 1
@@ -208,15 +237,11 @@ def _watch_load(harness: _Harness, started: float) -> StallWatch | None:
                     stalled = False
         if now - last_shown >= 1.0 - TICK / 2:
             delivered = int(sink.stats()["accepted_events"])
-            rss = max(service.worker_memory("VmRSS").values(), default=0)
-            span = now - last_shown
+            figures = harness.sample(now, sent, delivered)
             harness.progress.show(
-                f"{elapsed:6.1f} s  sent {(sent - last_sent) / span:>10,.0f} ev/s  "
-                f"delivered {(delivered - last_delivered) / span:>10,.0f} ev/s  "
-                f"backlog {max(0, sent - delivered):>10,}  worker RSS {rss / 2**20:5,.0f} MiB"
-                + ("  [sink stalled]" if stalled else "")
+                f"{elapsed:6.1f} s  {figures}" + ("  [sink stalled]" if stalled else "")
             )
-            last_shown, last_sent, last_delivered = now, sent, delivered
+            last_shown = now
     if stalled:  # the senders ended first (only if they failed: the config forbids it)
         sink.configure(stalled=False)
     return watch
@@ -245,6 +270,7 @@ def _drain(harness: _Harness, sent: Progress, problems: list[str]) -> float:
             return now
         if now >= next_show:
             next_show = now + 1.0
+            harness.sample(now, sent.events, delivered)
             backlog = max(0, sent.events - delivered)
             harness.progress.show(f"draining {now - began:4.1f} s: backlog {backlog:,} events")
         time.sleep(DRAIN_POLL)

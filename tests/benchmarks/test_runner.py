@@ -37,6 +37,7 @@ RESULT_KEYS = {
     "harness_cpu_seconds",
     "profile",
     "aggregator_exit_status",
+    "timeline",
 }
 
 
@@ -78,6 +79,12 @@ def test_a_small_run_delivers_every_event_and_writes_its_result(tmp_path: Path) 
     text = out.getvalue()
     assert "every event delivered" in text
     assert str(tmp_path / "result.json") in text
+    # about a sample a second, the last ones after the load (draining)
+    assert len(document["timeline"]) >= 2
+    assert sum(p["sent_per_s"] for p in document["timeline"]) > 0
+    assert max(p["rss"] for p in document["timeline"]) > 0
+    assert (tmp_path / "result.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"picture: {tmp_path / 'result.png'}" in text
 
 
 def test_a_lost_event_is_detected(tmp_path: Path) -> None:
@@ -118,3 +125,7 @@ def test_a_peer_takes_the_same_load_and_is_compared(tmp_path: Path) -> None:
     text = comparison(ours.to_json(), theirs.to_json())
     assert "aggregator / fluent-bit" in text and "ratio" in text
     assert "CPU-s per million events" in text
+    from benchmarks.plot import comparison_png
+
+    assert comparison_png(ours.to_json(), theirs.to_json(), tmp_path / "vs.png")
+    assert (tmp_path / "vs.png").read_bytes()[:4] == b"\x89PNG"
