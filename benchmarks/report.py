@@ -91,6 +91,19 @@ def verdict(result: dict[str, Any]) -> str:
     return "every event delivered"
 
 
+def _overhead(result: dict[str, Any]) -> str:
+    """What a worker holds beyond its buffer limit at its peak, and idle before the load: the
+    fixed overhead to add to total_limit_size when sizing memory."""
+    memory = result["memory"]
+    peak = max(memory["peak_rss_bytes_per_worker"], default=None)
+    idle = max(memory["baseline_rss_bytes_per_worker"], default=None)
+    limit = memory.get("total_limit_bytes")
+    if peak is None or not limit or result["config"].get("subject", "aggregator") != "aggregator":
+        return "n/a"
+    over = (peak - limit) / MIB
+    return f"peak = total_limit_size {_mib(limit)} {over:+,.0f} MiB; idle {_mib(idle)}"
+
+
 def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     sent, delivered, cpu = result["sent"], result["delivered"], result["cpu"]
     latency, firehose = result["latency_ms"], result["firehose"]
@@ -111,6 +124,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("CPU per GB", f"{_n(cpu['seconds_per_gb'], 1)} s"),
         ("per core", _rates(cpu["per_core_events_per_s"], cpu["per_core_mb_per_s"])),
         ("peak RSS/worker", peaks or "n/a"),
+        ("RSS overhead", _overhead(result)),
         ("latency", f"{percentiles}  ({latency['samples']:,} samples)"),
         (
             "harness CPU",
