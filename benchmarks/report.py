@@ -153,7 +153,8 @@ def _optional_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             ("stall", f"sink stalled {stall['at_s']:g} s into the load, for {stall['for_s']:g} s"),
             (
                 "  max worker RSS",
-                f"{_mib(stall['max_worker_rss_bytes'])}: {bound} {limit} + 64 MiB",
+                f"{_mib(stall['max_worker_rss_bytes'])}: {bound} {_mib(stall['rss_bound_bytes'])}"
+                f" = total_limit_size {limit} + idle {_mib(stall['idle_rss_bytes'])} + 48 MiB",
             ),
             ("  send rate", f"{_n(stall['send_rate_events_per_s'])} events/s over the stall"),
             ("  at its end", f"{_n(stall['settled_send_rate_events_per_s'])} events/s"),

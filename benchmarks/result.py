@@ -75,7 +75,9 @@ class RunResult:
         if self.sent.ack_mismatches:
             problems.append(f"{self.sent.ack_mismatches} acks did not match their message")
         if self.stall is not None and self.stall["rss_within_bound"] is False:
-            problems.append("a worker's RSS grew beyond total_limit_size + 64 MiB while stalled")
+            problems.append(
+                "a worker's RSS grew beyond total_limit_size + its idle RSS + 48 MiB while stalled"
+            )
         return problems
 
     def to_json(self) -> dict[str, Any]:

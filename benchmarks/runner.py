@@ -100,6 +100,8 @@ class _Harness:
     progress: ProgressLine
     started: float = 0.0
     """When the load began (time.monotonic())."""
+    idle_rss: int = 0
+    """The largest worker's RSS before the load."""
     timeline: list[dict[str, float]] = field(default_factory=list)
     _last: tuple[float, int, int, float] | None = None
 
@@ -169,6 +171,7 @@ def run_benchmark(config: RunConfig, out: TextIO | None = None) -> RunResult:
 def _measure(harness: _Harness, started_at: str) -> RunResult:
     config, sink, service, load = harness.config, harness.sink, harness.service, harness.load
     baseline_rss = list(service.worker_memory("VmRSS").values())
+    harness.idle_rss = max(baseline_rss, default=0)
     sink_cpu_before = sum(procfs.cpu_seconds(sink.pid))
     cpu_before = service.cpu_seconds()
     started = time.monotonic()
@@ -229,7 +232,7 @@ def _watch_load(harness: _Harness, started: float) -> StallWatch | None:
             if watch is None and elapsed >= stall_at:
                 sink.configure(stalled=True)
                 stalled = True
-                watch = StallWatch(stall_at, stall_for, config.total_limit_bytes)
+                watch = StallWatch(stall_at, stall_for, config.total_limit_bytes, harness.idle_rss)
             if watch is not None and stalled:
                 watch.sample(elapsed - stall_at, sent, service.worker_memory("VmRSS"))
                 if elapsed >= stall_at + stall_for:

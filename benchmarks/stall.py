@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-RSS_SLACK = 64 * 1024 * 1024
-"""What a worker may hold beyond its buffers: the interpreter, libraries, socket buffers."""
+WORKING_SLACK = 48 * 1024 * 1024
+"""What a busy worker holds beyond its idle size and its buffers: the allocator's slack, the
+batches being decoded, formatted and sent. The bound is total_limit_size + the worker's RSS
+before the load (the interpreter and libraries, about 60 MiB) + this; the run prints each."""
 SETTLED_WINDOW = 2.0
 """Seconds at the end of the stall over which the settled send rate is measured."""
 
@@ -22,6 +24,8 @@ class StallWatch:
     """Seconds into the load when the sink was stalled."""
     duration: float
     total_limit_bytes: int
+    idle_rss_bytes: int
+    """The largest worker's RSS before the load."""
     samples: list[tuple[float, int]] = field(default_factory=list)
     """(seconds since the stall began, events sent so far)."""
     max_rss: dict[int, int] = field(default_factory=dict)
@@ -34,11 +38,12 @@ class StallWatch:
 
     def report(self) -> dict[str, Any]:
         largest = max(self.max_rss.values(), default=None)
-        bound = self.total_limit_bytes + RSS_SLACK
+        bound = self.total_limit_bytes + self.idle_rss_bytes + WORKING_SLACK
         return {
             "at_s": self.at,
             "for_s": self.duration,
             "total_limit_bytes": self.total_limit_bytes,
+            "idle_rss_bytes": self.idle_rss_bytes,
             "rss_bound_bytes": bound,
             "max_worker_rss_bytes": largest,
             "rss_within_bound": None if largest is None else largest <= bound,
