@@ -100,8 +100,10 @@ def _overhead(result: dict[str, Any]) -> str:
     limit = memory.get("total_limit_bytes")
     if peak is None or not limit or result["config"].get("subject", "aggregator") != "aggregator":
         return "n/a"
+    if peak <= limit:
+        return f"peak under total_limit_size {_mib(limit)} (buffers never full); idle {_mib(idle)}"
     over = (peak - limit) / MIB
-    return f"peak = total_limit_size {_mib(limit)} {over:+,.0f} MiB; idle {_mib(idle)}"
+    return f"peak = total_limit_size {_mib(limit)} + {over:,.0f} MiB; idle {_mib(idle)}"
 
 
 def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
