@@ -23,6 +23,8 @@ from aggregator.protocol.events import (
     Message,
     ProtocolError,
     ProtocolErrorReason,
+    entry_time,
+    ext_value,
 )
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "encode_forward",
     "encode_message",
     "encode_packed_forward",
+    "entry_time",
+    "ext_value",
     "new_chunk_id",
     "pack_entries",
 ]
