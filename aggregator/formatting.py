@@ -18,7 +18,7 @@ import msgpack
 import orjson
 
 from aggregator.config.model import Inject
-from aggregator.protocol.events import entry_time, ext_value
+from aggregator.protocol.events import ext_value
 
 _OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 ENCODE_SLICE = 1024
@@ -103,7 +103,8 @@ class _TimeFormat:
         self._clock = clock
 
     def _time(self, t: Any) -> float:
-        t = entry_time(t)  # an EventTime as the decoder keeps it (ValueError if malformed)
+        if t.__class__ is slice:  # an EventTime as the decoder keeps it (ValueError if bad)
+            t = ext_value(t)
         if (t.__class__ is float or t.__class__ is int) and t:
             return float(t)
         return self._clock()

@@ -23,8 +23,6 @@ from aggregator.protocol.events import (
     Message,
     ProtocolError,
     ProtocolErrorReason,
-    entry_time,
-    ext_value,
 )
 
 __all__ = [
@@ -42,8 +40,6 @@ __all__ = [
     "encode_forward",
     "encode_message",
     "encode_packed_forward",
-    "entry_time",
-    "ext_value",
     "new_chunk_id",
     "pack_entries",
 ]

@@ -25,11 +25,6 @@ def is_event_time(value: object) -> bool:
     return value.__class__ is slice and value.start == EVENT_TIME_EXT_TYPE and len(value.stop) == 8
 
 
-def entry_time(t: Any) -> Any:
-    """An entry's time as sent: an EventTime as float seconds, anything else unchanged."""
-    return ext_value(t) if t.__class__ is slice else t
-
-
 def ext_value(ext: slice) -> Any:
     """What a kept ext value means: an EventTime is float seconds, anything else a
     ``msgpack.ExtType`` (ValueError for an EventTime that is not 8 bytes)."""
