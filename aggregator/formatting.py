@@ -18,7 +18,6 @@ import msgpack
 import orjson
 
 from aggregator.config.model import Inject
-from aggregator.protocol.events import ext_value
 
 _OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 ENCODE_SLICE = 1024
@@ -43,10 +42,6 @@ class Encoded(NamedTuple):
 
 def _default(value: object) -> object:
     """JSON for what msgpack can carry and JSON cannot: bytes, timestamps, other ext types."""
-    if value.__class__ is slice:  # an ext value as the decoder keeps it: EventTime or other
-        value = ext_value(value)
-        if not isinstance(value, msgpack.ExtType):
-            return value
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "replace")
     if isinstance(value, msgpack.Timestamp):
@@ -103,8 +98,6 @@ class _TimeFormat:
         self._clock = clock
 
     def _time(self, t: Any) -> float:
-        if t.__class__ is slice:  # an EventTime as the decoder keeps it (ValueError if bad)
-            t = ext_value(t)
         if (t.__class__ is float or t.__class__ is int) and t:
             return float(t)
         return self._clock()

@@ -15,13 +15,14 @@ HELO/PING/PONG handshake and in_forward's JSON mode are not handled here.
 from __future__ import annotations
 
 import itertools
+import struct
 import zlib
 from collections import deque
 from typing import Any, NoReturn
 
 import msgpack
 
-from aggregator.protocol.events import Batch, Message, ProtocolError, is_event_time
+from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, Batch, Message, ProtocolError
 
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 """The default limit on one message; a larger one closes the connection. (Fluentd's in_forward
@@ -38,10 +39,21 @@ INITIAL_BUFFER_SIZE = 16 * 1024
 """The unpacker's buffer at first. It grows to hold a big read or message and never shrinks,
 so a decoder that outgrew it starts a new one once it holds no partial message."""
 
+_unpack_event_time = struct.Struct(">II").unpack  # seconds, nanoseconds
 _GZIP_WBITS = 31  # zlib's spelling of "gzip header and trailer, not raw deflate or zlib"
 _PLAIN_COMPRESSED = (None, "text")  # out_forward sends compressed="text" when not compressing
 _NEED_DATA: Any = object()
 _NIL = b"\xc0"
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    # Called once per EventTime entry, so the common case is tested first and kept short.
+    if code == EVENT_TIME_EXT_TYPE and len(data) == 8:
+        seconds, nanoseconds = _unpack_event_time(data)
+        return seconds + nanoseconds / 1e9
+    if code == EVENT_TIME_EXT_TYPE:
+        raise ProtocolError("bad_shape", f"EventTime must be 8 bytes, got {len(data)}")
+    return msgpack.ExtType(code, data)
 
 
 def _new_unpacker(max_size: int, max_items: int = DEFAULT_MAX_ENTRIES) -> Any:
@@ -51,7 +63,7 @@ def _new_unpacker(max_size: int, max_items: int = DEFAULT_MAX_ENTRIES) -> Any:
         raw=False,
         unicode_errors="surrogateescape",
         strict_map_key=False,
-        ext_hook=slice,  # ext values kept as slice(code, data): see events.is_event_time
+        ext_hook=_ext_hook,
         max_buffer_size=max_size,
         max_array_len=max_items,
         max_map_len=max_items,
@@ -212,9 +224,8 @@ class ForwardDecoder:
                 if obj is None:  # a heartbeat
                     continue
                 if type(obj) is list and len(obj) == 3 and (
-                    (t := type(obj[1])) is float or t is int
-                    or (t is slice and obj[1].start == 0 and len(obj[1].stop) == 8)  # EventTime
-                ):  # fmt: skip
+                    type(obj[1]) is float or type(obj[1]) is int
+                ):
                     tag = obj[0]
                     if batch is not None and tag == batch.tag:
                         batch.entries.append([obj[1], obj[2]])
@@ -301,9 +312,7 @@ def parse_message(
     # which halves this function's cost per event; anything else takes the general path.
     if type(obj) is list and len(obj) == 3:
         tag, t, record = obj
-        if type(tag) is str and tag and tag.isascii() and (
-            type(t) is float or type(t) is int or is_event_time(t)
-        ):
+        if type(tag) is str and tag and tag.isascii() and (type(t) is float or type(t) is int):
             return Message(tag, [[t, record]], None, nbytes)
     if type(obj) is not list or not 2 <= len(obj) <= 4:
         raise ProtocolError("bad_shape", f"expected an array of 2 to 4 items, got {_kind(obj)}")
@@ -318,8 +327,8 @@ def parse_message(
         option = _option(obj, 2)
         entries = _unpack_entries(_payload_bytes(second, option, max_size), max_entries)
         return Message(tag, entries, _parse_chunk(option), nbytes)
-    # bool is an int subclass, hence the exact type tests
-    if kind is int or kind is float or is_event_time(second):
+    # bool is an int subclass, hence the exact type tests; an EventTime is a float by now
+    if kind is int or kind is float:
         _check_length(obj, 3, 4, "Message")
         return Message(tag, [[second, obj[2]]], _parse_chunk(_option(obj, 3)), nbytes)
     raise ProtocolError("bad_shape", f"second element is {_kind(second)}: no such mode")
@@ -328,8 +337,6 @@ def parse_message(
 def _kind(obj: object) -> str:
     if type(obj) is list:
         return f"an array of {len(obj)}"
-    if type(obj) is slice:  # an ext value, as the decoder keeps them
-        return f"ext type {obj.start} of {len(obj.stop)} bytes"
     return type(obj).__name__
 
 

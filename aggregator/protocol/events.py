@@ -2,39 +2,11 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-import msgpack
-
 EVENT_TIME_EXT_TYPE = 0
 """The msgpack ext type code of Fluentd's EventTime (shared by the decoder and the encoder)."""
-
-_unpack_event_time = struct.Struct(">II").unpack  # seconds, nanoseconds
-
-
-def is_event_time(value: object) -> bool:
-    """Whether ``value`` is an EventTime as the decoder hands it out: ``slice(0, 8 bytes)``.
-
-    The decoder keeps every msgpack ext value as ``slice(code, data)``: slice is a builtin that
-    stores its two arguments without running Python code, where a Python ext hook cost msgpack
-    a call per EventTime, about 350 ns of the ~5 us a worker spends per event (measured in
-    benchmarks/RESULTS.md). Most configurations never read an event's time, so the value is
-    decoded only where it is used, by :func:`ext_value`."""
-    return value.__class__ is slice and value.start == EVENT_TIME_EXT_TYPE and len(value.stop) == 8
-
-
-def ext_value(ext: slice) -> Any:
-    """What a kept ext value means: an EventTime is float seconds, anything else a
-    ``msgpack.ExtType`` (ValueError for an EventTime that is not 8 bytes)."""
-    code, data = ext.start, ext.stop
-    if code != EVENT_TIME_EXT_TYPE:
-        return msgpack.ExtType(code, data)
-    if len(data) != 8:
-        raise ValueError(f"EventTime must be 8 bytes, got {len(data)}")
-    seconds, nanoseconds = _unpack_event_time(data)
-    return seconds + nanoseconds / 1e9
 
 ProtocolErrorReason = Literal[
     "not_msgpack",

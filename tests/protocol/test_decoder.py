@@ -25,7 +25,6 @@ from aggregator.protocol import (
     pack_entries,
 )
 from aggregator.protocol.decoder import INITIAL_BUFFER_SIZE, gunzip
-from aggregator.protocol.events import ext_value, is_event_time
 
 # --- helpers and strategies -------------------------------------------------------------------
 
@@ -78,22 +77,10 @@ def decode_all(data: bytes, max_message_size: int = 32 * 1024 * 1024) -> list[Me
 
 
 def drain(decoder: ForwardDecoder) -> list[Message]:
-    """The decoder's messages, with ext values (kept raw, see events.is_event_time) as what
-    they mean: EventTime as float seconds, others as msgpack.ExtType."""
     out = []
     while (message := decoder.next_message()) is not None:
-        out.append(Message(message.tag, resolved(message.entries), message.chunk, message.nbytes))
+        out.append(message)
     return out
-
-
-def resolved(value: Any) -> Any:
-    if type(value) is slice:
-        return ext_value(value)
-    if type(value) is list:
-        return [resolved(v) for v in value]
-    if type(value) is dict:
-        return {k: resolved(v) for k, v in value.items()}
-    return value
 
 
 def decode_one(data: bytes, max_message_size: int = 32 * 1024 * 1024) -> Message:
@@ -241,25 +228,6 @@ def test_event_time_becomes_float_seconds() -> None:
     assert first == 1_700_000_000 + 123_456_789 / 1e9
     assert abs(first - 1_700_000_000.123456789) < 1e-6  # a float's precision at today's epoch
     assert second == 1.000000001
-
-
-def test_event_time_is_decoded_only_when_read() -> None:
-    """msgpack calls no Python code for an EventTime: it stays raw until its time is used."""
-    data = encode_message("t", EventTime(1_700_000_000, 5), {"at": EventTime(1, 0)})
-    [[t, record]] = _raw_entries(data)
-    assert is_event_time(t) and is_event_time(record["at"])
-    assert ext_value(t) == 1_700_000_000.000000005 and ext_value(record["at"]) == 1.0
-    with pytest.raises(ValueError, match="8 bytes"):
-        ext_value(slice(0, b"1234"))
-    assert ext_value(slice(5, b"x")) == msgpack.ExtType(5, b"x")
-
-
-def _raw_entries(data: bytes) -> list[list[Any]]:
-    decoder = ForwardDecoder()
-    decoder.receive_data(data)
-    message = decoder.next_message()
-    assert message is not None
-    return message.entries
 
 
 def test_event_time_in_fixext8_and_ext8_forms() -> None:
