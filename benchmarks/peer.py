@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from benchmarks import procfs
-from benchmarks.service import STREAM
+from benchmarks.service import STREAM, stop_gracefully
 
 PEERS = ("fluent-bit",)
 DEFAULT_PEER_BIN = Path(__file__).parents[1].parent / "shared" / "peers" / "fluent-bit"
@@ -112,13 +111,7 @@ class FluentBit:
         return False  # no metrics here: done when the sink holds everything
 
     def stop(self, timeout: float = 90.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
+        return stop_gracefully(self.proc, timeout, self.kill)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

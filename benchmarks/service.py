@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,13 +220,7 @@ class Service:
 
     def stop(self, timeout: float = 90.0) -> int:
         """SIGTERM (a graceful stop that flushes everything), then the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
+        return stop_gracefully(self.proc, timeout, self.kill)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -238,6 +232,19 @@ class Service:
 
     def log_tail(self, lines: int = 20) -> str:
         return _tail(self.log_path, lines)
+
+
+def stop_gracefully(
+    proc: subprocess.Popen[bytes], timeout: float, kill: Callable[[], None]
+) -> int:
+    """SIGTERM, then the exit status; ``kill()`` and TimeoutExpired if it takes too long."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill()
+        raise
 
 
 def _ready_line(log_path: Path) -> dict[str, Any] | None:
