@@ -227,12 +227,23 @@ class ForwardDecoder:
                     type(obj[1]) is float or type(obj[1]) is int
                 ):
                     tag = obj[0]
+                    inline = True
                     if batch is not None and tag == batch.tag:
                         batch.entries.append([obj[1], obj[2]])
                         batch.nbytes += nbytes
-                        continue
-                    if batch is None and type(tag) is str and tag and tag.isascii():
+                    elif batch is None and type(tag) is str and tag and tag.isascii():
                         batch = Batch(tag, [[obj[1], obj[2]]], [], nbytes)
+                    else:
+                        inline = False  # another tag, or one to check: the general path
+                    if inline:
+                        if end == self._fed and not self._backlog:
+                            # Every byte received is decoded (one message per read, as
+                            # Docker's driver writes): no need to ask msgpack, whose "no
+                            # more" is an exception (StopIteration) costing a few hundred ns.
+                            self._drained = True
+                            if self._grown:
+                                self._renew_unpacker()
+                            break
                         continue
             try:
                 if obj is _NEED_DATA:
