@@ -208,9 +208,7 @@ class ForwardDecoder:
                 if self._backlog:  # more bytes wait for room in the unpacker
                     obj = _NEED_DATA
                 else:
-                    if self._grown and self._start == self._fed:
-                        self._renew_unpacker()
-                    self._drained = True
+                    self._emptied()
                     break
             except Exception as exc:
                 self._error = self._protocol_error(exc)
@@ -240,9 +238,7 @@ class ForwardDecoder:
                             # Every byte received is decoded (one message per read, as
                             # Docker's driver writes): no need to ask msgpack, whose "no
                             # more" is an exception (StopIteration) costing a few hundred ns.
-                            self._drained = True
-                            if self._grown:
-                                self._renew_unpacker()
+                            self._emptied()
                             break
                         continue
             try:
@@ -269,6 +265,13 @@ class ForwardDecoder:
                 self._lookahead = message
                 break
         return batch
+
+    def _emptied(self) -> None:
+        """Everything received is decoded: next_batch has nothing to do until more arrives, and
+        a grown unpacker can give its buffer back."""
+        self._drained = True
+        if self._grown and self._start == self._fed:
+            self._renew_unpacker()
 
     def _feed(self, data: bytes) -> None:
         try:
