@@ -153,8 +153,7 @@ class ForwardDecoder:
                     obj = self._next()
                 except StopIteration:
                     if not self._backlog:
-                        if self._grown and self._start == self._fed:
-                            self._renew_unpacker()
+                        self._emptied()
                         return None
                     if self._fed - self._start >= self._max:
                         # The message being decoded alone fills the limit and is not done.
