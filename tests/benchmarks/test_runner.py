@@ -129,3 +129,23 @@ def test_a_peer_takes_the_same_load_and_is_compared(tmp_path: Path) -> None:
 
     assert comparison_png(ours.to_json(), theirs.to_json(), tmp_path / "vs.png")
     assert (tmp_path / "vs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fleet_and_peer_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="--fleet is message mode at a set --rate"):
+        RunConfig(fleet=True)
+    with pytest.raises(ValueError, match="--fleet is message mode"):
+        RunConfig(fleet=True, rate=1000.0, mode="packed")
+    with pytest.raises(ValueError, match="subject must be one of"):
+        RunConfig(subject="fluentd")
+    with pytest.raises(ValueError, match="a peer runs without them"):
+        RunConfig(subject="fluent-bit", aggregate=True)
+    assert RunConfig(fleet=True, rate=1000.0).to_json()["fleet"] is True
+
+
+def test_a_fleet_run_delivers_every_event(tmp_path: Path) -> None:
+    out = io.StringIO()
+    result = run_benchmark(small(tmp_path, fleet=True, connections=20, rate=2000.0), out)
+    assert result.exit_status == 0, out.getvalue()
+    assert result.sent.messages == result.sent.events == result.delivered_events > 0
+    assert "fleet: a write per message" in out.getvalue()
