@@ -16,6 +16,7 @@ settings from the environment at start, as Fluentd did.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from collections.abc import Callable
@@ -237,8 +238,6 @@ def fluent_bool(value: str, where: str) -> bool | str:
 
 def fluent_array(value: str, where: str) -> list[str]:
     """Fluentd's ``array``: a JSON array, or comma-separated values."""
-    import json
-
     if value.startswith("["):
         try:
             items = json.loads(value)
@@ -249,6 +248,7 @@ def fluent_array(value: str, where: str) -> list[str]:
 
 
 def _text(value: str, where: str) -> str:
+    """A string parameter, as written."""
     return value
 
 
