@@ -15,7 +15,7 @@ import pybase64
 from aggregator.sinks.firehose.record import Record
 
 # pybase64 encodes with SIMD: 5x binascii's speed on 300-byte records, which made base64 the
-# largest single cost of a request body (measured in benchmarks/RESULTS.md, "Hot path").
+# largest single cost of a request body (500 records: 454 us with binascii, 84 with pybase64).
 _b64 = pybase64.b64encode
 _data = operator.itemgetter(0)  # Record.data
 

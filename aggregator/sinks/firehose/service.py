@@ -167,7 +167,6 @@ class FirehoseService:
         self._credentials: Any = None
         self._credentials_lock = asyncio.Lock()
         self._url = ""
-        self._region = ""
         self._signer: Signer | None = None
         # Bound once: .labels() is a dict lookup under a lock, not free on every call.
         self._ok = FIREHOSE_REQUESTS.labels(destination, "ok")
@@ -186,7 +185,6 @@ class FirehoseService:
             raise ValueError(
                 f"destination {self._destination}: no AWS region; set `region` or AWS_REGION"
             )
-        self._region = region
         # Not a botocore client: its endpoint and service models cost ~20 MiB per worker.
         self._url = settings.endpoint_url or configured_endpoint() or default_endpoint(region)
         self._signer = Signer(self._url, region, CONTENT_TYPE, TARGET)

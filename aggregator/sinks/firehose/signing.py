@@ -1,7 +1,8 @@
 """AWS Signature Version 4 for the one request this sink makes: ``POST /`` of a JSON 1.1 body
 with four headers. botocore's SigV4Auth signs any request and costs about 110 us a call in
-URL parsing and header canonicalisation besides the body's hash; this does only the steps
-the fixed shape needs (about 4% of the CPU per event at 500 records a call, benchmarks/RESULTS.md).
+URL parsing and header canonicalisation besides the body's hash (measured: 260 us a call, of
+which 152 us hash a 250 KB body: about 220 ns an event at 500 records a call); this does only
+the steps the fixed shape needs.
 tests/sinks/firehose/test_signing.py checks that it gives botocore's signature, byte for byte.
 """
 
