@@ -27,6 +27,14 @@ def _blank_is_none(value: object) -> object:
 
 
 BlankIsUnset = Annotated[str | None, BeforeValidator(_blank_is_none)]
+SourceLabel = Annotated[
+    str | None,
+    Field(
+        description="Route this source's events through the routes of this label only "
+        "(Fluentd's @label, e.g. \"@mainstream\"); unset: through the routes without a label."
+    ),
+]
+"""A source's ``label``, the same for every kind of source."""
 """An optional string where "" means unset: what "${VAR:-}" expands to when VAR is not set."""
 
 
@@ -129,11 +137,7 @@ class ForwardSource(Strict):
 
     type: Literal["forward"]
     name: str = Field("forward", description="Label for metrics and logs.")
-    label: str | None = Field(
-        None,
-        description="Route this source's events through the routes of this label only "
-        "(Fluentd's @label, e.g. \"@mainstream\"); unset: through the routes without a label.",
-    )
+    label: SourceLabel = None
     bind: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(24224, ge=0, le=65535, description="TCP (and UDP heartbeat) port; 0 = any.")
     message_length_limit: Size = Field(
@@ -206,11 +210,7 @@ class HttpSource(Strict):
 
     type: Literal["http"]
     name: str = Field("http", description="Label for metrics and logs.")
-    label: str | None = Field(
-        None,
-        description="Route this source's events through the routes of this label only "
-        "(Fluentd's @label, e.g. \"@mainstream\"); unset: through the routes without a label.",
-    )
+    label: SourceLabel = None
     bind: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8888, ge=0, le=65535, description="TCP port; 0 = any.")
     body_size_limit: Size = Field(32 * 1024 * 1024, description="Largest request body accepted.")
