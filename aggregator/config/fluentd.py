@@ -524,22 +524,15 @@ class Converter:
         kind = self._type(d, "<match>")
         name = self._name(d, kind)
         if kind == "kinesis_firehose":
-            dest = self._firehose(d)
+            dest = self._firehose(d, name)
         elif kind in ("null", "stdout"):
             dest = {"type": kind, **self._params(d, _SIMPLE_OUTPUT, f"<match> {kind}")}
             if kind == "stdout":
                 self._warn(d.where, "stdout writes one JSON object per line, not Fluentd's "
                            "'time tag record' format")  # fmt: skip
-            for child in d.children:
-                if child.name == "buffer":
-                    dest["buffer"] = self._params(child, _BUFFER, "<buffer>")
-                elif child.name == "inject":
-                    dest["inject"] = self._inject(child)
-                else:
-                    raise ConfigError(f"{child.where}: <{child.name}> is not supported in a "
-                                      f"{kind} output")  # fmt: skip
+            self._sections(d, dest, kind, ("buffer", "inject"))
         elif kind == "file":
-            dest = self._file(d, f"{d.where}")
+            dest = self._file(d)
         else:
             raise ConfigError(f"{d.where}: <match> @type {kind} is not supported: outputs are "
                               "kinesis_firehose, file, stdout and null")  # fmt: skip
@@ -549,7 +542,7 @@ class Converter:
             route["label"] = label
         self.data["routes"].append(route)
 
-    def _firehose(self, d: Directive) -> dict[str, Any]:
+    def _firehose(self, d: Directive, name: str) -> dict[str, Any]:
         params = dict(d.params)
         append = params.pop("append_new_line", None)
         if append is not None and fluent_bool(append.value, append.where) is not True:
@@ -565,24 +558,12 @@ class Converter:
                                "<match> kinesis_firehose")}  # fmt: skip
         if "delivery_stream" not in dest:
             raise ConfigError(f"{d.where}: kinesis_firehose needs delivery_stream_name")
-        for child in d.children:
-            if child.name == "buffer":
-                if child.arg not in ("", "tag"):
-                    self._warn(child.where, f"<buffer {child.arg}>: chunk keys ignored; chunks "
-                               "are per destination")  # fmt: skip
-                dest["buffer"] = self._params(child, _BUFFER, "<buffer>")
-            elif child.name == "secondary":
-                dest["secondary"] = self._secondary(child, self._name(d, "firehose"))
-            elif child.name == "inject":
-                dest["inject"] = self._inject(child)
-            elif child.name == "format":
-                self._json_format(child)
-            else:
-                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a "
-                                  "kinesis_firehose output")  # fmt: skip
+        self._sections(d, dest, "kinesis_firehose", ("buffer", "secondary", "inject", "format"),
+                       name)  # fmt: skip
         return dest
 
-    def _file(self, d: Directive, where: str) -> dict[str, Any]:
+    def _file(self, d: Directive) -> dict[str, Any]:
+        where = d.where
         params = dict(d.params)
         path = params.pop("path", None) or params.pop("directory", None)
         if path is None:
@@ -605,16 +586,7 @@ class Converter:
         self._warn(where, f"file output: NDJSON files in {directory or '.'} named "
                    f"{prefix}.<start time>.<n>.ndjson (not Fluentd's file names or format)")
         dest: dict[str, Any] = {"type": "file", "path": directory or ".", "prefix": prefix}
-        for child in d.children:
-            if child.name == "buffer":
-                dest["buffer"] = self._params(child, _BUFFER, "<buffer>")
-            elif child.name == "format":
-                self._json_format(child)
-            elif child.name == "inject":
-                dest["inject"] = self._inject(child)
-            else:
-                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a file "
-                                  "output")  # fmt: skip
+        self._sections(d, dest, "file", ("buffer", "format", "inject"))
         return dest
 
     def _secondary(self, d: Directive, primary: str) -> str:
@@ -623,7 +595,7 @@ class Converter:
             raise ConfigError(f"{d.where}: <secondary> @type {kind} is not supported: file or "
                               "secondary_file")  # fmt: skip
         name = f"{primary}_secondary"
-        self.data["destinations"][name] = self._file(d, d.where)
+        self.data["destinations"][name] = self._file(d)
         return name
 
     def _inject(self, d: Directive) -> dict[str, Any]:
@@ -651,6 +623,27 @@ class Converter:
                               "float, unixtime or ISO 8601 strings")  # fmt: skip
         return inject
 
+    def _sections(
+        self, d: Directive, dest: dict[str, Any], kind: str, allowed: tuple[str, ...],
+        name: str = "",
+    ) -> None:  # fmt: skip
+        """An output's sections, of those ``allowed`` for its kind, into ``dest``."""
+        for child in d.children:
+            if child.name not in allowed:
+                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a {kind} "
+                                  "output")  # fmt: skip
+            if child.name == "buffer":
+                if child.arg not in ("", "tag"):
+                    self._warn(child.where, f"<buffer {child.arg}>: chunk keys ignored; chunks "
+                               "are per destination")  # fmt: skip
+                dest["buffer"] = self._params(child, _BUFFER, "<buffer>")
+            elif child.name == "secondary":
+                dest["secondary"] = self._secondary(child, name)
+            elif child.name == "inject":
+                dest["inject"] = self._inject(child)
+            else:  # format
+                self._json_format(child)
+
     def _json_format(self, d: Directive) -> None:
         kind = d.params.get("@type")
         if kind is not None and kind.value != "json":
@@ -669,8 +662,10 @@ class Converter:
         ident = d.params.get("@id")
         if ident is not None:
             return re.sub(r"[^\w-]", "_", ident.value)
-        n = sum(1 for name in self.data["destinations"] if name.startswith(kind))
-        return f"{kind}_{n + 1}"
+        n = 1
+        while f"{kind}_{n}" in self.data["destinations"]:
+            n += 1
+        return f"{kind}_{n}"
 
     def _params(self, d: Directive, section: Section, what: str) -> dict[str, Any]:
         out: dict[str, Any] = {}

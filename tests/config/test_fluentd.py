@@ -307,3 +307,35 @@ def test_the_toml_writer_round_trips_a_config_shape() -> None:
                          "odd name": {"type": "null"}},
     }  # fmt: skip
     assert tomllib.loads(to_toml(data)) == data
+
+
+def test_unnamed_outputs_get_unique_names_and_their_secondary_follows(tmp_path: Path) -> None:
+    data, _ = convert(
+        tmp_path,
+        """
+<source>
+  @type forward
+</source>
+<match a.**>
+  @type kinesis_firehose
+  delivery_stream_name a
+  <secondary>
+    @type file
+    path /tmp/failed/a
+  </secondary>
+</match>
+<match b.**>
+  @type null
+  @id null_2
+</match>
+<match c.**>
+  @type null
+</match>
+<match d.**>
+  @type null
+</match>
+""",
+    )
+    assert data["destinations"]["kinesis_firehose_1"]["secondary"] == "kinesis_firehose_1_secondary"
+    assert [r["destination"] for r in data["routes"]] == [
+        "kinesis_firehose_1", "null_2", "null_1", "null_3"]  # fmt: skip
