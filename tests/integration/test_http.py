@@ -34,6 +34,11 @@ def agg(start_aggregator: StartAggregator) -> Aggregator:
     return start_aggregator(config)
 
 
+def http_config(setting: str) -> str:
+    """FILE_CONFIG with one more line in its [[sources]] http table."""
+    return FILE_CONFIG.replace("port = {http_port}", "port = {http_port}\n" + setting)
+
+
 def request(
     agg: Aggregator, path: str, data: bytes | None = None, content_type: str | None = None,
     method: str | None = None,
@@ -114,9 +119,7 @@ def test_bad_requests_get_400_with_a_reason(
 
 
 def test_body_over_the_limit_gets_413(start_aggregator: StartAggregator) -> None:
-    agg = start_aggregator(
-        FILE_CONFIG.replace("port = {http_port}", 'port = {http_port}\nbody_size_limit = "1KiB"')
-    )
+    agg = start_aggregator(http_config('body_size_limit = "1KiB"'))
     assert request(agg, "/app", b'{"a": "' + b"x" * 4096 + b'"}', "application/json")[0] == 413
 
 
@@ -147,9 +150,7 @@ def test_bodies_over_the_entries_limit_get_400_before_they_are_decoded(
     start_aggregator: StartAggregator,
 ) -> None:
     """Issue 8: an 8 MiB msgpack array of empty maps got a worker OOM-killed."""
-    agg = start_aggregator(
-        FILE_CONFIG.replace("port = {http_port}", "port = {http_port}\nbody_entries_limit = 1000")
-    )
+    agg = start_aggregator(http_config("body_entries_limit = 1000"))
     empty_maps = b"\xdd" + (8 * 1024 * 1024).to_bytes(4, "big") + b"\x80" * (8 * 1024 * 1024)
     status, text = request(agg, "/app", empty_maps, "application/msgpack")
     assert status == 400 and b"max_array_len" in text
@@ -166,9 +167,7 @@ def test_a_body_that_never_arrives_gets_408_at_body_timeout(
     start_aggregator: StartAggregator,
 ) -> None:
     """Issue 8: `Content-Length: 10^12` and a 10-byte body held the request forever."""
-    agg = start_aggregator(
-        FILE_CONFIG.replace("port = {http_port}", 'port = {http_port}\nbody_timeout = "500ms"')
-    )
+    agg = start_aggregator(http_config('body_timeout = "500ms"'))
     with socket.create_connection(("127.0.0.1", agg.http_port), timeout=10) as sock:
         sock.sendall(b"POST /app HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000000000000\r\n\r\n{\"a\": 1}, ")  # fmt: skip
@@ -181,9 +180,7 @@ def test_a_request_head_must_arrive_within_keepalive_timeout(
     start_aggregator: StartAggregator,
 ) -> None:
     """Issue 8: request heads trickled at a byte a second held HTTP connections forever."""
-    agg = start_aggregator(
-        FILE_CONFIG.replace("port = {http_port}", 'port = {http_port}\nkeepalive_timeout = "1s"')
-    )
+    agg = start_aggregator(http_config('keepalive_timeout = "1s"'))
     head = b"POST /app HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
     with (
         socket.create_connection(("127.0.0.1", agg.http_port), timeout=10) as trickle,
@@ -224,9 +221,7 @@ def _open(sock: socket.socket) -> bool:
 
 
 def test_the_control_plane_wants_its_token(start_aggregator: StartAggregator) -> None:
-    agg = start_aggregator(FILE_CONFIG.replace(
-        "port = {http_port}", 'port = {http_port}\ncontrol_token = "${TOKEN}"'
-    ), env={"TOKEN": "s3cret"})  # fmt: skip
+    agg = start_aggregator(http_config('control_token = "${TOKEN}"'), env={"TOKEN": "s3cret"})
     for path, method in (("/api/flush", "POST"), ("/metrics", "GET")):
         assert request(agg, path, method=method)[0] == 401, path
         req = urllib.request.Request(agg.http + path, method=method)
@@ -252,9 +247,7 @@ def test_a_flush_storm_is_a_flush_or_two(agg: Aggregator) -> None:
 def test_web_pages_cannot_post_unless_their_origin_is_allowed(
     start_aggregator: StartAggregator,
 ) -> None:
-    agg = start_aggregator(FILE_CONFIG.replace(
-        "port = {http_port}", 'port = {http_port}\ncors_allow_origins = ["https://ok.example"]'
-    ))  # fmt: skip
+    agg = start_aggregator(http_config('cors_allow_origins = ["https://ok.example"]'))
 
     def post(origin: str | None, method: str = "POST") -> tuple[int, dict[str, str]]:
         req = urllib.request.Request(agg.http + "/app", data=b'{"a": 1}', method=method)
