@@ -320,13 +320,8 @@ def parse_message(
     max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> Message:
-    """Turn one decoded top-level msgpack object into a :class:`Message` (any mode)."""
-    # Message mode without options, as Docker's driver sends every event: checked inline,
-    # which halves this function's cost per event; anything else takes the general path.
-    if type(obj) is list and len(obj) == 3:
-        tag, t, record = obj
-        if type(tag) is str and tag and tag.isascii() and (type(t) is float or type(t) is int):
-            return Message(tag, [[t, record]], None, nbytes)
+    """Turn one decoded top-level msgpack object into a :class:`Message` (any mode). The
+    common case, Message mode without options, is also decoded inline by next_batch."""
     if type(obj) is not list or not 2 <= len(obj) <= 4:
         raise ProtocolError("bad_shape", f"expected an array of 2 to 4 items, got {_kind(obj)}")
     tag = _parse_tag(obj[0])
