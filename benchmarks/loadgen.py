@@ -147,24 +147,17 @@ class _Connection:
         started = asyncio.get_running_loop().time()
         sent = 0
         while due := await self._due(sent, started, deadline):
-            if self.spec.one_per_write:
-                for _ in range(due):
+            if self.spec.one_per_write:  # the fleet shape: each message a write() of its own
+                n = due
+                for _ in range(n):
                     writer.write(template.stamp(time.time_ns()))
-                sent += due
-                progress.messages += due
-                progress.events += due * template.events
-                progress.bytes += due * template.size
-                await writer.drain()
-                continue
-            n = min(due, per_write)
-            data = template.stamp(time.time_ns())
-            if n > 1:
-                data *= n
-            writer.write(data)
+            else:
+                n = min(due, per_write)
+                writer.write(template.stamp(time.time_ns()) * n)
             sent += n
             progress.messages += n
             progress.events += n * template.events
-            progress.bytes += len(data)
+            progress.bytes += n * template.size
             await writer.drain()  # waits only while the kernel's send buffer is full
 
     async def _send_acked(
