@@ -270,10 +270,11 @@ class FirehoseService:
         retry: list[bytes] = []
         codes: dict[str, int] = {}
         n_responses = len(responses)
-        for i, record in enumerate(batch.records):
+        records = batch.records
+        for i in range(len(records)):
             code = responses[i].get("ErrorCode") if i < n_responses else "MissingResponse"
             if code:
-                retry.extend(record.lines)
+                retry.extend(records.lines_of(i))
                 codes[code] = codes.get(code, 0) + 1
         for code, count in codes.items():
             FIREHOSE_FAILED_RECORDS.labels(self._destination, code).inc(count)

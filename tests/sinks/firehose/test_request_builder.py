@@ -8,10 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.config.model import FIREHOSE_MAX_RECORD_BYTES
-from aggregator.sinks.firehose.record import Record, build_records
+from aggregator.sinks.firehose.record import Records, build_records
 from aggregator.sinks.firehose.request_builder import (
     MAX_BATCH_BYTES,
     MAX_BATCH_RECORDS,
+    Batch,
     build_batches,
 )
 
@@ -19,9 +20,12 @@ KIB = 1024
 MIB = 1024 * KIB
 
 
-def record(size: int, tag: int = 0) -> Record:
-    data = (b"%08d" % tag + b"x" * size)[:size]
-    return Record(data, (data,))
+def record(size: int, tag: int = 0) -> bytes:
+    return (b"%08d" % tag + b"x" * size)[:size]
+
+
+def data(batches: list[Batch]) -> list[bytes]:
+    return [x for b in batches for x in b.records.data]
 
 
 def test_firehose_limits() -> None:
@@ -31,38 +35,38 @@ def test_firehose_limits() -> None:
 
 
 def test_no_records_no_batches() -> None:
-    assert build_batches([]) == []
+    assert build_batches(Records()) == []
 
 
 def test_at_most_500_records_per_batch() -> None:
     records = [record(10, i) for i in range(1201)]
-    batches = build_batches(records)
+    batches = build_batches(Records(records))
     assert [len(b.records) for b in batches] == [500, 500, 201]
-    assert [r for b in batches for r in b.records] == records
+    assert data(batches) == records
 
 
 def test_exactly_500_records_is_one_batch() -> None:
-    assert len(build_batches([record(10, i) for i in range(500)])) == 1
+    assert len(build_batches(Records([record(10, i) for i in range(500)]))) == 1
 
 
 def test_at_most_4_mib_per_batch() -> None:
     # Four records of the largest size fit (4,000 KiB <= 4,096 KiB); a fifth does not.
     records = [record(FIREHOSE_MAX_RECORD_BYTES, i) for i in range(9)]
-    batches = build_batches(records)
+    batches = build_batches(Records(records))
     assert [len(b.records) for b in batches] == [4, 4, 1]
     assert all(b.size <= MAX_BATCH_BYTES for b in batches)
 
 
 def test_exactly_4_mib_fits_and_one_byte_more_does_not() -> None:
     exact = [record(MIB, i) for i in range(4)]
-    assert len(build_batches(exact)) == 1
+    assert len(build_batches(Records(exact))) == 1
     over = [*exact[:3], record(MIB + 1, 3)]
-    assert [len(b.records) for b in build_batches(over)] == [3, 1]
+    assert [len(b.records) for b in build_batches(Records(over))] == [3, 1]
 
 
 def test_a_record_larger_than_a_batch_goes_alone() -> None:
     records = [record(10, 0), record(5 * MIB, 1), record(10, 2)]
-    assert [len(b.records) for b in build_batches(records)] == [1, 1, 1]
+    assert [len(b.records) for b in build_batches(Records(records))] == [1, 1, 1]
 
 
 def test_body_is_put_record_batch_json_and_lines_map_back() -> None:
@@ -100,13 +104,14 @@ def test_batches_keep_order_and_respect_limits(
     sizes: list[int], max_records: int, max_bytes: int
 ) -> None:
     records = [record(n, i) for i, n in enumerate(sizes)]
-    batches = build_batches(records, max_records=max_records, max_bytes=max_bytes)
-    assert [r for b in batches for r in b.records] == records
+    batches = build_batches(Records(records), max_records=max_records, max_bytes=max_bytes)
+    assert data(batches) == records
     for b in batches:
         assert 1 <= len(b.records) <= max_records
-        assert b.size == sum(len(r.data) for r in b.records)
+        assert b.size == sum(map(len, b.records.data))
         assert b.size <= max_bytes or len(b.records) == 1
+        assert b.lines() == b.records.data
     # Greedy: a batch is closed only when the next record would break a limit.
     for b, following in pairwise(batches):
-        first = following.records[0]
-        assert len(b.records) == max_records or b.size + len(first.data) > max_bytes
+        first = following.records.data[0]
+        assert len(b.records) == max_records or b.size + len(first) > max_bytes

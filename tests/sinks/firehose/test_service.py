@@ -12,7 +12,7 @@ from aggregator.config.model import FirehoseDestination
 from aggregator.emulator import EmulatorThread
 from aggregator.metrics import REGISTRY
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
-from aggregator.sinks.firehose.record import Record
+from aggregator.sinks.firehose.record import Records
 from aggregator.sinks.firehose.request_builder import Batch, build_batches
 from aggregator.sinks.firehose.service import (
     FirehoseService,
@@ -23,7 +23,7 @@ from tests.sinks.firehose.support import firehose_settings as settings
 
 
 def batch_of(lines: list[bytes]) -> Batch:
-    (batch,) = build_batches([Record(x, (x,)) for x in lines])
+    (batch,) = build_batches(Records(lines))
     return batch
 
 
@@ -125,7 +125,7 @@ def test_partial_failure_retries_exactly_the_failed_lines(emulator: EmulatorThre
 
 def test_aggregated_record_failure_retries_all_its_lines(emulator: EmulatorThread) -> None:
     emulator.configure(fail_rate=1.0)
-    batch = build_batches([Record(b"".join(LINES[:5]), LINES[:5]), Record(LINES[5], LINES[5:6])])
+    batch = build_batches(Records([b"".join(LINES[:5]), LINES[5]], [LINES[:5], LINES[5:6]]))
     result = put("svc-agg", settings(emulator.endpoint_url), batch[0])
     assert result.retry == LINES[:6]
 
@@ -149,7 +149,7 @@ def test_unknown_stream_rejects_every_line() -> None:
 
 
 def test_request_over_the_limits_is_rejected_not_retried(emulator: EmulatorThread) -> None:
-    too_many = Batch([Record(x, (x,)) for x in [b"x\n"] * 501], 1002)
+    too_many = Batch(Records([b"x\n"] * 501), 1002)
     result = put("svc-invalid", settings(emulator.endpoint_url), too_many)
     assert list(result.rejected) == ["validation"]
     assert len(result.rejected["validation"]) == 501
