@@ -22,6 +22,38 @@ def decode(lines: list[bytes]) -> list[Any]:
     return [orjson.loads(line) for line in lines]
 
 
+json_text = st.text(alphabet=st.sampled_from('a,{}[]:"\\\n\r\t\u2028é😀'), max_size=12)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False,
+    allow_infinity=False) | json_text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(json_text, inner, max_size=3),
+    max_leaves=8,
+)  # fmt: skip
+
+
+INJECTS = [Inject(), Inject(tag_key="tag"), Inject(time_key="t", time_format="epoch_ms"),
+           Inject(tag_key="tag", time_key="t", time_format="epoch_ms")]  # fmt: skip
+
+
+@given(records=st.lists(st.dictionaries(json_text, json_values, max_size=4), max_size=20),
+       inject=st.sampled_from(INJECTS))  # fmt: skip
+def test_a_slice_in_one_call_gives_each_records_own_line(
+    records: list[dict[str, Any]], inject: Inject
+) -> None:
+    """The fast path encodes a slice in one orjson call and splits it where one record ends:
+    no string (commas, braces, newlines, quotes) may move that split."""
+    lines, nbytes, invalid, _ = Formatter(inject).encode("t", [[1.25, dict(r)] for r in records])
+    expected = []
+    for record in records:
+        record = dict(record)
+        if inject.tag_key:
+            record[inject.tag_key] = "t"
+        if inject.time_key:
+            record[inject.time_key] = 1250
+        expected.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+    assert (lines, nbytes, invalid) == (expected, sum(map(len, expected)), 0)
+
+
 def test_plain_records_and_total_size() -> None:
     lines, nbytes, *_ = PLAIN.encode("t", [[1, {"log": "a"}], [2, {"log": "b", "n": 3}]])
     assert decode(lines) == [{"log": "a"}, {"log": "b", "n": 3}]
