@@ -213,6 +213,7 @@ def test_a_destination_that_cannot_start_stops_the_service_with_status_2(tmp_pat
     config = tmp_path / "no-region.toml"
     config.write_text(
         FILE_CONFIG.replace("{forward_port}", "0").replace("{http_port}", "0")
+        .replace("{data_dir}", str(tmp_path))
         + '\n[destinations.fh]\ntype = "firehose"\ndelivery_stream = "s"\n'
     )
     env = {k: v for k, v in os.environ.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
