@@ -20,6 +20,7 @@ import msgpack
 import orjson
 
 from aggregator.config.model import Inject
+from aggregator.protocol.events import event_seconds
 
 _OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 """The slow path's: non-string keys (msgpack has them) become strings, as Fluentd writes them."""
@@ -51,9 +52,15 @@ class Encoded(NamedTuple):
 
 
 def _default(value: object) -> object:
-    """JSON for what msgpack can carry and JSON cannot: bytes, timestamps, other ext types."""
+    """JSON for what msgpack can carry and JSON cannot: bytes, timestamps, ext types (an
+    EventTime inside a record is its seconds, as Fluentd writes it)."""
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, slice):  # an ext value as the forward decoder keeps it
+        seconds = event_seconds(value)
+        if seconds is not None:
+            return seconds
+        return {"ext_type": value.start, "data": bytes(value.stop).hex()}
     if isinstance(value, msgpack.Timestamp):
         return value.to_unix()
     if isinstance(value, msgpack.ExtType):
@@ -108,6 +115,8 @@ class _TimeFormat:
         self._clock = clock
 
     def _time(self, t: Any) -> float:
+        if t.__class__ is slice:  # an EventTime as decoded (a bad one is not a number: now)
+            t = event_seconds(t)
         if (t.__class__ is float or t.__class__ is int) and t:
             return float(t)
         return self._clock()

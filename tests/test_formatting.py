@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import msgpack
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from aggregator.config.model import Inject
 from aggregator.formatting import Formatter, InvalidEvent
-from aggregator.protocol import ForwardDecoder, encode_packed_forward
+from aggregator.protocol import EventTime, ForwardDecoder, encode_forward, encode_packed_forward
 
 PLAIN = Formatter(Inject())
 
@@ -228,3 +229,28 @@ def test_kept_lines_cost_their_size_not_orjsons_allocation(events: int) -> None:
     lines = sum(map(len, kept))
     assert lines == batches * events
     assert held / lines < 600, f"{held / lines:.0f} bytes held per {len(kept[0][0])}-byte line"
+
+
+def test_event_times_as_decoded_are_read_where_written() -> None:
+    """The decoder keeps EventTimes undecoded; the formatter reads the ones it writes: the
+    injected time, one inside a record (its seconds, as Fluentd writes it), and any other ext
+    value as its type and data. A time that is not an EventTime of 8 bytes means now."""
+    eight = struct.pack(">II", 1_700_000_000, 500_000_000)
+    entries = [
+        [slice(0, eight), {"at": slice(0, eight), "e": slice(5, b"xyz")}],
+        [slice(0, b"1234"), {}],  # a cut EventTime
+        [slice(7, eight), {}],  # another ext type
+    ]
+    fmt = Formatter(Inject(time_key="time", time_format="epoch"), clock=lambda: 42.0)
+    lines, _, invalid, _ = fmt.encode("t", entries)
+    assert invalid == 0
+    assert decode(lines) == [
+        {"at": 1_700_000_000.5, "e": {"ext_type": 5, "data": "78797a"}, "time": 1_700_000_000.5},
+        {"time": 42.0},
+        {"time": 42.0},
+    ]
+    decoder = ForwardDecoder()
+    decoder.receive_data(encode_forward("t", [(EventTime(1_700_000_000, 500_000_000), {})]))
+    message = decoder.next_message()
+    assert message is not None
+    assert decode(fmt.encode("t", message.entries).lines) == [{"time": 1_700_000_000.5}]

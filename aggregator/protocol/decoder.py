@@ -15,14 +15,19 @@ HELO/PING/PONG handshake and in_forward's JSON mode are not handled here.
 from __future__ import annotations
 
 import itertools
-import struct
 import zlib
 from collections import deque
 from typing import Any, NoReturn
 
 import msgpack
 
-from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, Batch, Message, ProtocolError
+from aggregator.protocol.events import (
+    EVENT_TIME_EXT_TYPE,
+    Batch,
+    Message,
+    ProtocolError,
+    event_seconds,
+)
 
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 """The default limit on one message; a larger one closes the connection. (Fluentd's in_forward
@@ -39,21 +44,10 @@ INITIAL_BUFFER_SIZE = 16 * 1024
 """The unpacker's buffer at first. It grows to hold a big read or message and never shrinks,
 so a decoder that outgrew it starts a new one once it holds no partial message."""
 
-_unpack_event_time = struct.Struct(">II").unpack  # seconds, nanoseconds
 _GZIP_WBITS = 31  # zlib's spelling of "gzip header and trailer, not raw deflate or zlib"
 _PLAIN_COMPRESSED = (None, "text")  # out_forward sends compressed="text" when not compressing
 _NEED_DATA: Any = object()
 _NIL = b"\xc0"
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    # Called once per EventTime entry, so the common case is tested first and kept short.
-    if code == EVENT_TIME_EXT_TYPE and len(data) == 8:
-        seconds, nanoseconds = _unpack_event_time(data)
-        return seconds + nanoseconds / 1e9
-    if code == EVENT_TIME_EXT_TYPE:
-        raise ProtocolError("bad_shape", f"EventTime must be 8 bytes, got {len(data)}")
-    return msgpack.ExtType(code, data)
 
 
 def _new_unpacker(max_size: int, max_items: int = DEFAULT_MAX_ENTRIES) -> Any:
@@ -63,7 +57,8 @@ def _new_unpacker(max_size: int, max_items: int = DEFAULT_MAX_ENTRIES) -> Any:
         raw=False,
         unicode_errors="surrogateescape",
         strict_map_key=False,
-        ext_hook=_ext_hook,
+        # Ext values (EventTime) stay as slice(code, data): see events.event_seconds.
+        ext_hook=slice,
         max_buffer_size=max_size,
         max_array_len=max_items,
         max_map_len=max_items,
@@ -221,7 +216,14 @@ class ForwardDecoder:
                 if obj is None:  # a heartbeat
                     continue
                 if type(obj) is list and len(obj) == 3 and (
-                    type(obj[1]) is float or type(obj[1]) is int
+                    # an EventTime (as decoded: see events.event_seconds), or a number
+                    (
+                        (t := obj[1]).__class__ is slice
+                        and t.start == EVENT_TIME_EXT_TYPE
+                        and len(t.stop) == 8
+                    )
+                    or t.__class__ is float
+                    or t.__class__ is int
                 ):
                     tag = obj[0]
                     inline = True
@@ -335,8 +337,12 @@ def parse_message(
         option = _option(obj, 2)
         entries = _unpack_entries(_payload_bytes(second, option, max_size), max_entries)
         return Message(tag, entries, _parse_chunk(option), nbytes)
-    # bool is an int subclass, hence the exact type tests; an EventTime is a float by now
-    if kind is int or kind is float:
+    if kind is slice and event_seconds(second) is None:
+        if second.start == EVENT_TIME_EXT_TYPE:
+            raise ProtocolError("bad_shape", f"EventTime must be 8 bytes, got {len(second.stop)}")
+        raise ProtocolError("bad_shape", f"second element is ext type {second.start}: no such mode")
+    # bool is an int subclass, hence the exact type tests
+    if kind is int or kind is float or kind is slice:
         _check_length(obj, 3, 4, "Message")
         return Message(tag, [[second, obj[2]]], _parse_chunk(_option(obj, 3)), nbytes)
     raise ProtocolError("bad_shape", f"second element is {_kind(second)}: no such mode")

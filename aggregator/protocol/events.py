@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 EVENT_TIME_EXT_TYPE = 0
 """The msgpack ext type code of Fluentd's EventTime (shared by the decoder and the encoder)."""
+
+_unpack_event_time = struct.Struct(">II").unpack  # seconds, nanoseconds
+
+
+def event_seconds(value: object) -> float | None:
+    """The seconds of an EventTime as the decoder hands it out, else None.
+
+    The decoder keeps every msgpack ext value as ``slice(code, data)``, built in C: a Python
+    hook per event, to turn each EventTime into a float that most destinations never read,
+    cost a fifth of the decoding. Whatever reads a time (the formatter) asks this."""
+    if value.__class__ is slice:
+        code, data = value.start, value.stop
+        if code == EVENT_TIME_EXT_TYPE and len(data) == 8:
+            seconds, nanoseconds = _unpack_event_time(data)
+            return float(seconds + nanoseconds / 1e9)
+    return None
 
 ProtocolErrorReason = Literal[
     "not_msgpack",
@@ -25,7 +42,7 @@ class Message:
 
     ``entries`` are ``[time, record]`` pairs exactly as decoded and not checked one by one:
     the formatter does that later, per event, so Forward mode costs no Python work per entry.
-    ``time`` is an int, a float, or float seconds converted from an EventTime.
+    ``time`` is an int, a float, or an EventTime as decoded (:func:`event_seconds` reads it).
     """
 
     tag: str

@@ -25,6 +25,7 @@ from aggregator.protocol import (
     pack_entries,
 )
 from aggregator.protocol.decoder import INITIAL_BUFFER_SIZE, gunzip
+from aggregator.protocol.events import event_seconds
 
 # --- helpers and strategies -------------------------------------------------------------------
 
@@ -60,9 +61,10 @@ base64ish = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef0123456789+/=\n"  # out_forward's i
 chunks = st.none() | st.text(alphabet=base64ish, max_size=25)
 
 
-def expected_time(t: int | float | EventTime) -> int | float:
+def expected_time(t: int | float | EventTime) -> int | float | slice:
+    """An entry's time as decoded: an EventTime stays as its ext value (events.event_seconds)."""
     if isinstance(t, EventTime):
-        return t.seconds + t.nanoseconds / 1e9
+        return slice(0, struct.pack(">II", t.seconds, t.nanoseconds))
     return t
 
 
@@ -221,9 +223,9 @@ def test_integer_and_float_times_keep_their_type() -> None:
     assert type(t_float) is float and t_float == 1_700_000_000.25
 
 
-def test_event_time_becomes_float_seconds() -> None:
+def test_event_time_reads_as_float_seconds() -> None:
     data = encode_forward("t", [(EventTime(1_700_000_000, 123_456_789), {}), (EventTime(1, 1), {})])
-    [[first, _], [second, _]] = decode_one(data).entries
+    [first, second] = [event_seconds(t) for t, _ in decode_one(data).entries]
     assert type(first) is float
     assert first == 1_700_000_000 + 123_456_789 / 1e9
     assert abs(first - 1_700_000_000.123456789) < 1e-6  # a float's precision at today's epoch
@@ -234,19 +236,22 @@ def test_event_time_in_fixext8_and_ext8_forms() -> None:
     body = struct.pack(">II", 10, 500_000_000)
     for ext in (b"\xd7\x00" + body, b"\xc7\x08\x00" + body):  # fixext 8 and ext 8
         data = b"\x93" + pack("t") + ext + pack({})
-        assert decode_one(data).entries == [[10.5, {}]]
+        [[t, record]] = decode_one(data).entries
+        assert (event_seconds(t), record) == (10.5, {})
 
 
 def test_fluent_logger_python_event_time() -> None:
     from fluent.sender import EventTime as LoggerEventTime
 
     data = msgpack.packb(("app.web", LoggerEventTime(1_700_000_000.5), {"a": "b"}))
-    assert decode_one(data).entries == [[1_700_000_000.5, {"a": "b"}]]
+    [[t, record]] = decode_one(data).entries
+    assert (event_seconds(t), record) == (1_700_000_000.5, {"a": "b"})
 
 
 def test_other_ext_types_are_left_alone() -> None:
     ext = msgpack.ExtType(5, b"xyz")
-    assert decode_one(pack(["t", 1, {"e": ext}])).entries == [[1, {"e": ext}]]
+    assert decode_one(pack(["t", 1, {"e": ext}])).entries == [[1, {"e": slice(5, b"xyz")}]]
+    assert event_seconds(slice(5, b"12345678")) is None
 
 
 # --- invalid UTF-8 ----------------------------------------------------------------------------
