@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer-bin", type=Path, metavar="PATH",
         help="the peer's executable (default: ../shared/peers/fluent-bit)",
     )  # fmt: skip
+    peers.add_argument(
+        "--pairs", type=_positive_int, default=1, metavar="N",
+        help="measure both N times, taking turns to go first, and print the median ratio (a "
+        "shared machine's speed drifts: one pair's ratio can be off by a fifth)",
+    )  # fmt: skip
     output = run.add_argument_group("output")
     output.add_argument(
         "--json",
@@ -225,6 +230,31 @@ def _config(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def _side_by_side(config: RunConfig, peer: str, pairs: int) -> int:
+    """Both subjects under the same load, ``pairs`` times, in the order ABBA... so that a drift
+    of the machine's speed weighs on both alike; each pair printed, then the median ratio."""
+    results = []
+    for n in range(pairs):
+        ours_config, path = config, config.json_path
+        if path is not None and pairs > 1:  # one result file per pair
+            numbered = path.with_stem(f"{path.stem}-{n + 1}")
+            ours_config = dataclasses.replace(config, json_path=numbered)
+        peer_config = dataclasses.replace(config, subject=peer, json_path=None)
+        if n % 2:
+            theirs, ours = run_benchmark(peer_config), run_benchmark(ours_config)
+        else:
+            ours, theirs = run_benchmark(ours_config), run_benchmark(peer_config)
+        print(report.comparison(ours.to_json(), theirs.to_json()))
+        if ours.json_path is not None:
+            picture = ours.json_path.with_name(ours.json_path.stem + f"-vs-{peer}.png")
+            if plot.comparison_png(ours.to_json(), theirs.to_json(), picture):
+                print(f"picture: {picture}")
+        results.append((ours, theirs))
+    if pairs > 1:
+        print(report.pairs_summary([(a.to_json(), b.to_json()) for a, b in results]))
+    return max(r.exit_status for pair in results for r in pair)
+
+
 def _sizing_text(args: argparse.Namespace) -> str:
     if args.per_core_mb_s is not None or args.per_core_events_s is not None:
         per_core = sizing.PerCore(args.per_core_mb_s, args.per_core_events_s, "given")
@@ -262,17 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             print(result.render())
             return result.exit_status
-        ours = run_benchmark(config)
         if args.peer is None:
-            return ours.exit_status
-        peer_config = dataclasses.replace(config, subject=args.peer, json_path=None)
-        theirs = run_benchmark(peer_config)
-        print(report.comparison(ours.to_json(), theirs.to_json()))
-        if ours.json_path is not None:
-            picture = ours.json_path.with_name(ours.json_path.stem + f"-vs-{args.peer}.png")
-            if plot.comparison_png(ours.to_json(), theirs.to_json(), picture):
-                print(f"picture: {picture}")
-        return max(ours.exit_status, theirs.exit_status)
+            return run_benchmark(config).exit_status
+        return _side_by_side(config, args.peer, args.pairs)
     except KeyboardInterrupt:
         return 130
     except (RuntimeError, OSError) as exc:  # a part did not start, or the machine refused

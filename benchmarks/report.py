@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -175,6 +176,18 @@ def table(result: dict[str, Any]) -> str:
     if result["lost_events"] or result["duplicated_events"]:
         lines.append(verdict(result))
     return "\n".join(lines)
+
+
+def pairs_summary(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
+    """The CPU ratio of every pair of runs, and their median: the figure to quote."""
+    name = pairs[0][1]["config"]["subject"]
+    key = "seconds_per_million_events"
+    ratios = [ours["cpu"][key] / peer["cpu"][key] for ours, peer in pairs]
+    each = ", ".join(f"{r:.2f}x" for r in ratios)
+    return (
+        f"{len(pairs)} pairs, aggregator / {name} CPU-s per million events: {each}\n"
+        f"median {statistics.median(ratios):.2f}x (from {min(ratios):.2f}x to {max(ratios):.2f}x)"
+    )
 
 
 def comparison(ours: dict[str, Any], peer: dict[str, Any]) -> str:

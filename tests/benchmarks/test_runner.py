@@ -131,6 +131,27 @@ def test_a_peer_takes_the_same_load_and_is_compared(tmp_path: Path) -> None:
     assert (tmp_path / "vs.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_pairs_take_turns_and_give_the_median_ratio(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.peer import DEFAULT_PEER_BIN
+
+    if not DEFAULT_PEER_BIN.exists():
+        pytest.skip(f"no Fluent Bit build at {DEFAULT_PEER_BIN} on this machine")
+    status = main(["run", "--connections", "2", "--rate", "500", "--duration", "1",
+                   "--flush-interval", "200ms", "--drain-timeout", "15", "--peer", "fluent-bit",
+                   "--pairs", "2", "--json", str(tmp_path / "r.json")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert out.count("side by side: aggregator / fluent-bit") == 2
+    # The second pair ran the peer first: its table follows the peer's run.
+    second = out[out.index("side by side") :]
+    assert second.index("benchmark: fluent-bit") < second.index("benchmark: aggregator")
+    assert "2 pairs, aggregator / fluent-bit CPU-s per million events: " in out
+    assert "median " in out
+    assert sorted(p.name for p in tmp_path.glob("r-*.json")) == ["r-1.json", "r-2.json"]
+
+
 def test_fleet_and_peer_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="--fleet is message mode at a set --rate"):
         RunConfig(fleet=True)
