@@ -24,7 +24,6 @@ import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import aiohttp
 import orjson
 from aiobotocore.session import AioSession
 from botocore.exceptions import (
@@ -36,6 +35,7 @@ from botocore.exceptions import (
 from aggregator.config.model import FirehoseDestination
 from aggregator.metrics import FIREHOSE_FAILED_RECORDS, FIREHOSE_REQUESTS
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
+from aggregator.sinks.firehose.http import HttpClient, HttpError
 from aggregator.sinks.firehose.request_builder import Batch
 from aggregator.sinks.firehose.signing import Signer
 
@@ -69,7 +69,7 @@ TRANSIENT_CODES = THROTTLING_CODES | {
 """Whole-call codes that may pass whatever the HTTP status says."""
 
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientError,
+    HttpError,
     TimeoutError,  # asyncio.timeout(); the same class as asyncio.TimeoutError since 3.11
     OSError,
 )
@@ -162,7 +162,7 @@ class FirehoseService:
         self._stream = settings.delivery_stream
         self._settings = settings
         self._timeout = settings.request_timeout
-        self._http: aiohttp.ClientSession | None = None
+        self._http: HttpClient | None = None
         self._session: AioSession | None = None
         self._credentials: Any = None
         self._credentials_lock = asyncio.Lock()
@@ -189,13 +189,10 @@ class FirehoseService:
         self._url = settings.endpoint_url or configured_endpoint() or default_endpoint(region)
         self._signer = Signer(self._url, region, CONTENT_TYPE, TARGET)
         self._session = session
-        self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=MAX_POOL_CONNECTIONS),
-            timeout=aiohttp.ClientTimeout(
-                total=settings.request_timeout,
-                connect=min(CONNECT_TIMEOUT, settings.request_timeout),
-            ),
-            skip_auto_headers=("User-Agent",),
+        self._http = HttpClient(
+            self._url,
+            limit=MAX_POOL_CONNECTIONS,
+            connect_timeout=min(CONNECT_TIMEOUT, settings.request_timeout),
         )
         try:
             await self._resolve_credentials()
@@ -240,9 +237,7 @@ class FirehoseService:
         try:
             headers = await self._signed_headers(body)
             async with asyncio.timeout(self._timeout):
-                async with self._http.post(self._url, data=body, headers=headers) as response:
-                    status = response.status
-                    payload = await response.read()
+                status, payload = await self._http.post(headers, body)
         except NETWORK_ERRORS as exc:
             self._error.inc()
             raise RetryableError("network", f"{self._destination}: {exc!r}") from exc

@@ -1,0 +1,199 @@
+"""The sink's HTTP client against a scripted server on a real socket: framing, keep-alive,
+and that a connection whose answer is not complete is never used again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from aggregator.sinks.firehose.http import HttpClient, HttpError, Response
+
+Answer = Callable[["Server", int, bytes], bytes | None]
+"""(server, request number, request bytes) -> what to write back (None: nothing); b"" closes."""
+
+
+class Server:
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.closed_by_client = 0
+        self.requests = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                self.requests += 1
+                reply = self.answer(self, self.requests, head + body)
+                if reply == b"":
+                    writer.close()
+                    return
+                if reply is not None:
+                    writer.write(reply)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed_by_client += 1
+
+
+@asynccontextmanager
+async def serving(answer: Answer) -> AsyncIterator[tuple[Server, HttpClient]]:
+    server = Server(answer)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client = HttpClient(f"http://127.0.0.1:{port}", limit=4, connect_timeout=2.0)
+    try:
+        yield server, client
+    finally:
+        await client.close()
+        for writer in server.writers:
+            writer.close()
+        listener.close()
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+HEADERS = {"host": "example", "x-amz-target": "T"}
+
+
+def run(test: Callable[[], object]) -> None:
+    asyncio.run(test())  # type: ignore[arg-type]
+
+
+def test_a_kept_alive_connection_carries_the_next_requests() -> None:
+    async def test() -> None:
+        async with serving(lambda _, n, __: ok(b"answer %d" % n)) as (server, client):
+            for n in (1, 2, 3):
+                assert await client.post(HEADERS, b"x" * 1000) == Response(200, b"answer %d" % n)
+            assert server.connections == 1
+
+    run(test)
+
+
+def test_the_request_is_post_with_the_headers_and_its_length() -> None:
+    seen: list[bytes] = []
+
+    def answer(_: Server, n: int, request: bytes) -> bytes:
+        seen.append(request)
+        return ok(b"{}")
+
+    async def test() -> None:
+        async with serving(answer) as (_, client):
+            await client.post(HEADERS, b"body")
+        head, body = seen[0].split(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"POST / HTTP/1.1"
+        assert set(lines[1:]) == {b"host: example", b"x-amz-target: T", b"content-length: 4"}
+        assert body == b"body"
+
+    run(test)
+
+
+def test_chunked_and_read_to_the_end_answers_are_read_whole() -> None:
+    chunked = b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    answers = {
+        1: b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+        2: b"HTTP/1.1 503 Busy\r\nConnection: close\r\n\r\nuntil the end",
+    }
+
+    def answer(server: Server, n: int, _: bytes) -> bytes | None:
+        if n == 2:  # written, then the connection is closed: the answer ends with it
+            asyncio.get_running_loop().call_later(0.05, server.writers[-1].close)
+        return answers[n]
+
+    async def test() -> None:
+        async with serving(answer) as (_, client):
+            assert await client.post(HEADERS, b"") == Response(400, b"abcde")
+            assert await client.post(HEADERS, b"") == Response(503, b"until the end")
+
+    run(test)
+
+
+def test_connection_close_is_not_reused() -> None:
+    async def test() -> None:
+        async with serving(lambda _, n, __: ok(b"a", b"Connection: close\r\n")) as (server, client):
+            await client.post(HEADERS, b"")
+            await client.post(HEADERS, b"")
+            assert server.connections == 2
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"",  # closed before any answer
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",  # closed inside the body
+        b"SSH-2.0-OpenSSH_9.6\r\n",  # not HTTP
+    ],
+)
+def test_an_answer_that_never_completes_is_a_connection_error(reply: bytes) -> None:
+    def answer(server: Server, n: int, _: bytes) -> bytes | None:
+        if reply and n == 1:
+            asyncio.get_running_loop().call_later(0.05, server.writers[-1].close)
+        return reply if n == 1 else ok(b"fine")
+
+    async def test() -> None:
+        async with serving(answer) as (server, client):
+            with pytest.raises(HttpError):
+                await asyncio.wait_for(client.post(HEADERS, b"x"), 5)
+            # The next request gets a connection of its own, and its own answer.
+            assert await client.post(HEADERS, b"x") == Response(200, b"fine")
+            assert server.connections == 2
+
+    run(test)
+
+
+def test_a_late_answer_is_never_taken_for_the_next_requests() -> None:
+    def answer(server: Server, n: int, _: bytes) -> bytes | None:
+        if n == 1:  # answered after the caller gave up
+            asyncio.get_running_loop().call_later(0.3, server.writers[0].write, ok(b"late"))
+            return None
+        return ok(b"second")
+
+    async def test() -> None:
+        async with serving(answer) as (server, client):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await client.post(HEADERS, b"x")
+            await asyncio.sleep(0.1)
+            assert server.closed_by_client == 1  # at once, not when the late answer comes
+            await asyncio.sleep(0.3)
+            assert await client.post(HEADERS, b"x") == Response(200, b"second")
+            assert server.connections == 2
+
+    run(test)
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
+    async def test() -> None:
+        async with serving(lambda _, n, __: ok(b"%d" % n)) as (server, client):
+            await client.post(HEADERS, b"")
+            server.writers[0].close()
+            await asyncio.sleep(0.1)
+            assert await client.post(HEADERS, b"") == Response(200, b"2")
+            assert server.connections == 2
+
+    run(test)
+
+
+def test_nothing_listening_is_an_os_error() -> None:
+    async def test() -> None:
+        listener = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        listener.close()
+        await listener.wait_closed()
+        client = HttpClient(f"http://127.0.0.1:{port}", limit=1, connect_timeout=2.0)
+        with pytest.raises(OSError):
+            await client.post(HEADERS, b"")
+
+    run(test)
