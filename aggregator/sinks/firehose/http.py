@@ -111,15 +111,18 @@ class _Connection(asyncio.Protocol):
 
 
 class HttpClient:
-    """POSTs to one URL's host over at most ``limit`` connections at once."""
+    """POSTs to one URL's host over at most ``limit`` connections at once. HTTPS verifies the
+    server against the system's CAs, or those of ``cafile``."""
 
-    def __init__(self, url: str, *, limit: int, connect_timeout: float) -> None:
+    def __init__(
+        self, url: str, *, limit: int, connect_timeout: float, cafile: str | None = None
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._ssl = ssl.create_default_context(cafile=cafile) if parts.scheme == "https" else None
         self._target = (parts.path or "/").encode()
         self._connect_timeout = connect_timeout
         self._slots = asyncio.Semaphore(limit)

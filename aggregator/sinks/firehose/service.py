@@ -193,6 +193,7 @@ class FirehoseService:
             self._url,
             limit=MAX_POOL_CONNECTIONS,
             connect_timeout=min(CONNECT_TIMEOUT, settings.request_timeout),
+            cafile=os.environ.get("AWS_CA_BUNDLE") or None,  # as the AWS SDKs read it
         )
         try:
             await self._resolve_credentials()

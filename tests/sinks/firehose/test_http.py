@@ -4,8 +4,10 @@ and that a connection whose answer is not complete is never used again."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -182,6 +184,29 @@ def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
             await asyncio.sleep(0.1)
             assert await client.post(HEADERS, b"") == Response(200, b"2")
             assert server.connections == 2
+
+    run(test)
+
+
+def test_https_verifies_the_server_against_the_given_cas(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def test() -> None:
+        server = Server(lambda _, n, __: ok(b"over tls %d" % n))
+        listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=context)
+        url = f"https://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+        trusting = HttpClient(url, limit=1, connect_timeout=2.0, cafile=str(cert))
+        assert await trusting.post(HEADERS, b"x") == Response(200, b"over tls 1")
+        assert await trusting.post(HEADERS, b"x") == Response(200, b"over tls 2")
+        assert server.connections == 1
+        await trusting.close()
+        with pytest.raises(ssl.SSLCertVerificationError):  # an OSError: a network failure
+            await HttpClient(url, limit=1, connect_timeout=2.0).post(HEADERS, b"x")
+        for writer in server.writers:
+            writer.close()
+        listener.close()
 
     run(test)
 
