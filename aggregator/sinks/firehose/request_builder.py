@@ -36,11 +36,13 @@ class Batch:
     def body(self, stream: str) -> bytes:
         """The PutRecordBatch request body (AWS JSON 1.1). Built as bytes: base64 needs no JSON
         escaping, and a general JSON encoder would scan every byte of every record again."""
-        datas = b'"},{"Data":"'.join(map(_b64, self.records.data))
-        return b"".join(
-            (b'{"DeliveryStreamName":', orjson.dumps(stream), b',"Records":[{"Data":"', datas,
-             b'"}]}')
-        )  # fmt: skip
+        parts = list(map(_b64, self.records.data)) or [b""]
+        # The head and the tail join the first and the last record, so that the body is built
+        # in one copy (a join of the records, then of head + records + tail, made two).
+        head = b'{"DeliveryStreamName":%s,"Records":[{"Data":"' % orjson.dumps(stream)
+        parts[0] = head + parts[0]
+        parts[-1] += b'"}]}'
+        return b'"},{"Data":"'.join(parts)
 
     def lines(self) -> list[bytes]:
         """Every line the batch carries, in order (used on failure paths only)."""
@@ -57,7 +59,7 @@ def build_batches(
     ``max_bytes`` bytes of data. A record larger than ``max_bytes`` on its own (impossible with
     Firehose's limits, where a record is at most 1,000 KiB) gets a batch to itself rather than
     being dropped: refusing it is Firehose's call, not this function's."""
-    sizes = list(map(len, records.data))
+    sizes = records.sizes if records.sizes is not None else list(map(len, records.data))
     if not sizes:
         return []
     if max(sizes) * max_records <= max_bytes:
