@@ -84,6 +84,10 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._parser.get_status_code() < 200:  # 100 Continue and its kind: not the answer
+            self._body = []
+            self._headers_done = self._framed = False
+            return
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)

@@ -103,7 +103,8 @@ def test_the_request_is_post_with_the_headers_and_its_length() -> None:
 def test_chunked_and_read_to_the_end_answers_are_read_whole() -> None:
     chunked = b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
     answers = {
-        1: b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+        1: b"HTTP/1.1 100 Continue\r\n\r\n"  # informational: the answer comes after it
+        b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
         2: b"HTTP/1.1 503 Busy\r\nConnection: close\r\n\r\nuntil the end",
     }
 
