@@ -257,12 +257,11 @@ class Formatter:
             return [], 0
         tag_key, time_key, fmt = self._tag_key, self._time_key, self._format_time
         records: list[dict[Any, Any]]
-        if tag_key is None and time_key is None:
+        if time_key is None:
             records = [r if r.__class__ is dict else _refuse(r) for _, r in entries]
-        elif time_key is None:
-            records = [r if r.__class__ is dict else _refuse(r) for _, r in entries]
-            for record in records:
-                record[tag_key] = tag
+            if tag_key is not None:
+                for record in records:
+                    record[tag_key] = tag
         else:
             records = []
             append = records.append

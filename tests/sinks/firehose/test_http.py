@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from aggregator.sinks.firehose.http import HttpClient, HttpError, Response
+from tests.sources.test_forward import run  # uvloop, as the service runs, with a time bound
 
 Answer = Callable[["Server", int, bytes], bytes | None]
 """(server, request number, request bytes) -> what to write back (None: nothing); b"" closes."""
@@ -65,10 +66,6 @@ def ok(body: bytes, extra: bytes = b"") -> bytes:
 
 
 HEADERS = {"host": "example", "x-amz-target": "T"}
-
-
-def run(test: Callable[[], object]) -> None:
-    asyncio.run(test())  # type: ignore[arg-type]
 
 
 def test_a_kept_alive_connection_carries_the_next_requests() -> None:
