@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 from aggregator.config.units import parse_size
 from aggregator.emulator.__main__ import add_fault_arguments
@@ -233,7 +234,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
 def _side_by_side(config: RunConfig, peer: str, pairs: int) -> int:
     """Both subjects under the same load, ``pairs`` times, in the order ABBA... so that a drift
     of the machine's speed weighs on both alike; each pair printed, then the median ratio."""
-    results = []
+    results: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    status = 0
     for n in range(pairs):
         ours_config, path = config, config.json_path
         if path is not None and pairs > 1:  # one result file per pair
@@ -244,15 +246,17 @@ def _side_by_side(config: RunConfig, peer: str, pairs: int) -> int:
             theirs, ours = run_benchmark(peer_config), run_benchmark(ours_config)
         else:
             ours, theirs = run_benchmark(ours_config), run_benchmark(peer_config)
-        print(report.comparison(ours.to_json(), theirs.to_json()))
+        ours_json, theirs_json = ours.to_json(), theirs.to_json()
+        print(report.comparison(ours_json, theirs_json))
         if ours.json_path is not None:
             picture = ours.json_path.with_name(ours.json_path.stem + f"-vs-{peer}.png")
-            if plot.comparison_png(ours.to_json(), theirs.to_json(), picture):
+            if plot.comparison_png(ours_json, theirs_json, picture):
                 print(f"picture: {picture}")
-        results.append((ours, theirs))
+        results.append((ours_json, theirs_json))
+        status = max(status, ours.exit_status, theirs.exit_status)
     if pairs > 1:
-        print(report.pairs_summary([(a.to_json(), b.to_json()) for a, b in results]))
-    return max(r.exit_status for pair in results for r in pair)
+        print(report.pairs_summary(results))
+    return status
 
 
 def _sizing_text(args: argparse.Namespace) -> str:
@@ -275,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             burst = connections.make_burst(parse_size(args.burst), args.event_size)
         elif args.command == "run":
             config = _config(args)
+            if args.pairs > 1 and args.peer is None:
+                raise ValueError("--pairs compares with a peer: give --peer too")
     except (ValueError, OSError) as exc:  # bad settings, or a results file that is not there
         parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
     try:

@@ -152,6 +152,13 @@ def test_pairs_take_turns_and_give_the_median_ratio(
     assert sorted(p.name for p in tmp_path.glob("r-*.json")) == ["r-1.json", "r-2.json"]
 
 
+def test_pairs_without_a_peer_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--pairs", "3"])
+    assert exited.value.code == 2
+    assert "--pairs compares with a peer: give --peer too" in capsys.readouterr().err
+
+
 def test_fleet_and_peer_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="--fleet is message mode at a set --rate"):
         RunConfig(fleet=True)
