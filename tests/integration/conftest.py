@@ -60,6 +60,11 @@ class Aggregator:
                 entries.append({"message": line, "level": "raw"})
         return entries
 
+    def worker_pids(self) -> set[int]:
+        """The supervisor's live worker processes."""
+        pid = self.proc.pid
+        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -10,7 +10,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -166,7 +165,7 @@ def test_sigterm_to_the_whole_process_group_is_one_graceful_stop(
             own_process_group=True,
         )  # fmt: skip
         send_concurrently(agg.forward_port, total=3000, per_connection=500)
-        workers = Path(f"/proc/{agg.proc.pid}/task/{agg.proc.pid}/children").read_text().split()
+        workers = agg.worker_pids()
         os.killpg(agg.proc.pid, signal.SIGTERM)
         # The supervisor passes a SIGTERM on at once, and two sent a moment apart can merge
         # into one (signals do not queue) while a worker waits for the CPU: one more, a little
@@ -174,7 +173,7 @@ def test_sigterm_to_the_whole_process_group_is_one_graceful_stop(
         time.sleep(0.1)
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)
         assert agg.proc.wait(30) == 0
         assert sorted(ids_of(slowish.lines("logs"))) == list(range(3000))
         messages = [e["message"] for e in agg.logs()]

@@ -29,11 +29,6 @@ from tests.integration.test_firehose import firehose_config, send_concurrently
 HOUR_FLUSH = FILE_CONFIG.replace('flush_interval = "100ms"', 'flush_interval = "1h"')
 
 
-def worker_pids(agg: Aggregator) -> set[int]:
-    children = Path(f"/proc/{agg.proc.pid}/task/{agg.proc.pid}/children").read_text().split()
-    return {int(pid) for pid in children}
-
-
 def send_on_many_connections(agg: Aggregator, connections: int, per_connection: int) -> None:
     socks = [agg.connect() for _ in range(connections)]
     for c, sock in enumerate(socks):
@@ -65,7 +60,7 @@ def test_a_killed_worker_is_restarted_and_the_service_keeps_accepting(
     start_aggregator: StartAggregator,
 ) -> None:
     agg = start_aggregator(FILE_CONFIG)
-    before = worker_pids(agg)
+    before = agg.worker_pids()
     assert len(before) == 2
     # Events acked by the worker that survives must be delivered: find who serves what.
     send_on_many_connections(agg, connections=20, per_connection=5)
@@ -73,7 +68,7 @@ def test_a_killed_worker_is_restarted_and_the_service_keeps_accepting(
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
     started = time.monotonic()
-    after = wait_for(lambda: (p := worker_pids(agg)) and len(p) == 2 and victim not in p and p, 5)
+    after = wait_for(lambda: (p := agg.worker_pids()) and len(p) == 2 and victim not in p and p, 5)
     assert after, "the killed worker was not restarted"
     assert time.monotonic() - started < 1.0, "restart took more than a second"
     # Both ports keep accepting, whichever worker answers.
@@ -97,9 +92,9 @@ def test_health_is_503_while_a_worker_is_missing(start_aggregator: StartAggregat
     assert status == 200 and body["workers"] == {"expected": 2, "alive": 2}
     # Kill a worker and freeze its replacement while it starts, so the service stays one worker
     # short for as long as the test needs (a restart alone is over in about a second).
-    survivor, victim = sorted(worker_pids(agg))
+    survivor, victim = sorted(agg.worker_pids())
     os.kill(victim, signal.SIGKILL)
-    replacement = wait_for(lambda: worker_pids(agg) - {survivor, victim}, 5)
+    replacement = wait_for(lambda: agg.worker_pids() - {survivor, victim}, 5)
     assert replacement, "the killed worker was not restarted"
     (frozen,) = replacement
     os.kill(frozen, signal.SIGSTOP)
@@ -120,13 +115,13 @@ def test_a_worker_whose_loop_is_stuck_is_killed_and_restarted(
     """Frozen (SIGSTOP) looks from outside exactly like an event loop stuck in one call."""
     config = FILE_CONFIG.replace("workers = 2", 'workers = 2\nworker_watchdog_timeout = "2s"')
     agg = start_aggregator(config)
-    stuck, other = sorted(worker_pids(agg))
+    stuck, other = sorted(agg.worker_pids())
     os.kill(stuck, signal.SIGSTOP)
     started = time.monotonic()
-    replacement = wait_for(lambda: worker_pids(agg) - {stuck, other}, timeout=10)
+    replacement = wait_for(lambda: agg.worker_pids() - {stuck, other}, timeout=10)
     assert replacement, "the stuck worker was not replaced"
     assert 2 <= time.monotonic() - started < 6
-    assert other in worker_pids(agg)  # the healthy one was left alone
+    assert other in agg.worker_pids()  # the healthy one was left alone
     assert wait_for(lambda: agg.health()[0] == 200, timeout=10)
     assert agg.metric("aggregator_worker_watchdog_kills_total") == 1
     assert [e for e in agg.logs() if "has not answered for" in e["message"]]
@@ -137,14 +132,14 @@ def test_a_worker_that_keeps_dying_is_restarted_after_a_backoff(
     start_aggregator: StartAggregator,
 ) -> None:
     agg = start_aggregator(FILE_CONFIG)
-    survivor, victim = sorted(worker_pids(agg))
+    survivor, victim = sorted(agg.worker_pids())
     os.kill(victim, signal.SIGKILL)
-    first = wait_for(lambda: worker_pids(agg) - {survivor, victim}, 5)
+    first = wait_for(lambda: agg.worker_pids() - {survivor, victim}, 5)
     assert first, "the killed worker was not restarted at once"
     (replacement,) = first
     os.kill(replacement, signal.SIGKILL)  # dies again soon after its start
     died = time.monotonic()
-    second = wait_for(lambda: worker_pids(agg) - {survivor, victim, replacement}, 5)
+    second = wait_for(lambda: agg.worker_pids() - {survivor, victim, replacement}, 5)
     assert second, "the worker was not restarted after its second death"
     assert time.monotonic() - died >= RESTART_BACKOFF_MIN * 0.9  # it waited before spawning
     assert wait_for(lambda: agg.health()[0] == 200, timeout=10)
