@@ -21,13 +21,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from aggregator.protocol.events import (
-    EVENT_TIME_EXT_TYPE,
-    Batch,
-    Message,
-    ProtocolError,
-    event_seconds,
-)
+from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, Batch, Message, ProtocolError
 
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 """The default limit on one message; a larger one closes the connection. (Fluentd's in_forward
@@ -166,7 +160,7 @@ class ForwardDecoder:
             raise self._error from exc
 
     def _protocol_error(self, exc: Exception) -> ProtocolError:
-        """What msgpack (or the EventTime hook) raised, as the protocol error it means."""
+        """What msgpack (or this decoder's own limits) raised, as the protocol error it means."""
         if isinstance(exc, ProtocolError):
             return exc
         if isinstance(exc, msgpack.BufferFull):
@@ -337,10 +331,12 @@ def parse_message(
         option = _option(obj, 2)
         entries = _unpack_entries(_payload_bytes(second, option, max_size), max_entries)
         return Message(tag, entries, _parse_chunk(option), nbytes)
-    if kind is slice and event_seconds(second) is None:
-        if second.start == EVENT_TIME_EXT_TYPE:
+    if kind is slice:  # an ext value, as decoded: only an EventTime of 8 bytes is a time
+        if second.start != EVENT_TIME_EXT_TYPE:
+            no_mode = f"second element is ext type {second.start}: no such mode"
+            raise ProtocolError("bad_shape", no_mode)
+        if len(second.stop) != 8:
             raise ProtocolError("bad_shape", f"EventTime must be 8 bytes, got {len(second.stop)}")
-        raise ProtocolError("bad_shape", f"second element is ext type {second.start}: no such mode")
     # bool is an int subclass, hence the exact type tests
     if kind is int or kind is float or kind is slice:
         _check_length(obj, 3, 4, "Message")
