@@ -55,7 +55,11 @@ def _merge(
         elif isinstance(outcome, BaseException):
             raise outcome  # a bug, not a delivery outcome: let it surface
     if failures and len(failures) == len(batches) and not oversize:
-        raise failures[0][1]
+        # A new error, not the gathered one: raised again, that one's traceback would hold
+        # this frame, which holds it (a cycle keeping every batch's request body alive until a
+        # full collection: 1.2 GB for a 256 MiB buffer in an outage of 503s).
+        first = failures[0][1]
+        raise RetryableError(first.reason, str(first)) from None
     if not failures and not oversize and all(o is DELIVERED for o in outcomes):
         return DELIVERED
     result = WriteResult()
