@@ -182,7 +182,10 @@ def pairs_summary(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
     """The CPU ratio of every pair of runs, and their median: the figure to quote."""
     name = pairs[0][1]["config"]["subject"]
     key = "seconds_per_million_events"
-    ratios = [ours["cpu"][key] / peer["cpu"][key] for ours, peer in pairs]
+    # A run too short for one clock tick of CPU measures nothing: it has no ratio.
+    ratios = [ours["cpu"][key] / peer["cpu"][key] for ours, peer in pairs if peer["cpu"][key]]
+    if not ratios:
+        return f"{len(pairs)} pairs: {name} used no measurable CPU; no ratio"
     each = ", ".join(f"{r:.2f}x" for r in ratios)
     return (
         f"{len(pairs)} pairs, aggregator / {name} CPU-s per million events: {each}\n"

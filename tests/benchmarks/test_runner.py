@@ -138,7 +138,7 @@ def test_pairs_take_turns_and_give_the_median_ratio(
 
     if not DEFAULT_PEER_BIN.exists():
         pytest.skip(f"no Fluent Bit build at {DEFAULT_PEER_BIN} on this machine")
-    status = main(["run", "--connections", "2", "--rate", "500", "--duration", "1",
+    status = main(["run", "--connections", "2", "--rate", "5000", "--duration", "2",
                    "--flush-interval", "200ms", "--drain-timeout", "15", "--peer", "fluent-bit",
                    "--pairs", "2", "--json", str(tmp_path / "r.json")])  # fmt: skip
     out = capsys.readouterr().out
