@@ -54,8 +54,41 @@ UNMATCHED_EVENTS = Counter(
 # --- buffers ---
 BUFFER_BYTES = Gauge(
     "aggregator_buffer_bytes",
-    "Memory held by buffered events (open, queued and in-flight chunks; JSON and bookkeeping).",
+    "What buffered events hold against total_limit_size: memory for a memory buffer (JSON and "
+    "bookkeeping), disk for a file buffer.",
     ["destination"], registry=REGISTRY, multiprocess_mode="livesum",
+)  # fmt: skip
+BUFFER_DISK_BYTES = Gauge(
+    "aggregator_buffer_disk_bytes", "Bytes of a file buffer's segment files.", ["destination"],
+    registry=REGISTRY, multiprocess_mode="livesum",
+)  # fmt: skip
+BUFFER_SEGMENTS = Gauge(
+    "aggregator_buffer_segments", "A file buffer's segment files.", ["destination"],
+    registry=REGISTRY, multiprocess_mode="livesum",
+)  # fmt: skip
+BUFFER_REPLAYED_EVENTS = Counter(
+    "aggregator_buffer_replayed_events",
+    "Events read back from segment files an earlier process left (a restart, a crash, fewer "
+    "workers than before).",
+    ["destination"], registry=REGISTRY,
+)  # fmt: skip
+BUFFER_CORRUPT_EVENTS = Counter(
+    "aggregator_buffer_corrupt_events",
+    "Events lost to damaged segment files (a checksum that fails, a file cut short), estimated "
+    "by their line ends; the damaged file is kept aside as *.damaged.",
+    ["destination"], registry=REGISTRY,
+)  # fmt: skip
+BUFFER_WRITE_ERRORS = Counter(
+    "aggregator_buffer_write_errors",
+    "Writes to a file buffer that failed (disk full, I/O error): their events were not "
+    "acknowledged and are counted in aggregator_dropped_events_total{reason=\"write_error\"}.",
+    ["destination"], registry=REGISTRY,
+)  # fmt: skip
+BUFFER_KEPT_BYTES = Counter(
+    "aggregator_buffer_kept_bytes",
+    "Bytes a file buffer still held when its worker stopped: kept on disk for the next start "
+    "on the same disk (not dropped, not delivered).",
+    ["destination"], registry=REGISTRY,
 )  # fmt: skip
 BUFFER_CHUNKS = Gauge(
     "aggregator_buffer_chunks", "Chunks queued or in flight.", ["destination"],

@@ -9,20 +9,21 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from aggregator import metrics
-from aggregator.buffer import Admission, Buffer
 from aggregator.config.model import Config
-from aggregator.delivery import SHUTDOWN_DEADLINE
+from aggregator.flusher import Admission, Flusher
 from aggregator.formatting import Formatter, InvalidEvent
 from aggregator.handoff import MESSAGE_EVENTS, Parcel, hand_off
 from aggregator.logs import Throttle
 from aggregator.routing import Router
 from aggregator.sinks import build_sink
 from aggregator.stopping import StopPlan
+from aggregator.stores import Chunk, Commit, build_store, tagged
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ INVALID_WARNING_INTERVAL = 10.0
 
 
 class Outcome(enum.Enum):
-    ACCEPTED = "accepted"  # in a buffer: safe to acknowledge
+    ACCEPTED = "accepted"  # in a buffer: safe to acknowledge (a Commit instead: once written)
     UNMATCHED = "unmatched"  # no route: counted and warned about, acknowledged as Fluentd does
     BLOCKED = "blocked"  # no room and overflow_action = block: wait_for_room(), then again
     REJECTED = "rejected"  # no room and overflow_action = throw_exception: do not acknowledge
@@ -43,19 +44,49 @@ class Outcome(enum.Enum):
 class Destination:
     name: str
     formatter: Formatter
-    buffer: Buffer
+    flusher: Flusher
+
+
+@dataclass(slots=True, eq=False)
+class _HandedChunk:
+    """A chunk being handed off: finished in its store once every piece is acknowledged."""
+
+    dest: Destination
+    chunk: Chunk
+    unfinished: set[_HandedChunk]
+    """Where it is while it is not finished (then it goes, and its lines with it)."""
+    pieces: list[tuple[list[bytes], Parcel]] = field(default_factory=list)
+    all_sent: bool = False
+    finished: bool = False
+
+    def acked(self, events: int) -> None:
+        metrics.HANDOFF_EVENTS.labels(self.dest.name).inc(events)
+        self.dest.flusher.handed_off += events
+        self.finish_if_done()
+
+    def finish_if_done(self) -> None:
+        if self.all_sent and not self.finished:
+            acked = sum(len(piece) for piece, parcel in self.pieces if parcel.acked)
+            if acked == len(self.chunk.undelivered):
+                self.finished = True
+                self.unfinished.discard(self)
+                self.dest.flusher.store.finish(self.chunk)
 
 
 class Pipeline:
-    def __init__(self, config: Config, worker: int = 0) -> None:
+    def __init__(self, config: Config, worker: int = 0, workers: int = 1) -> None:
         self.config = config
         self.destinations: dict[str, Destination] = {}
         # Secondaries first, so that a primary's buffer can hand over to a built one.
         order = sorted(config.destinations.items(), key=lambda kv: kv[1].secondary is not None)
         for name, settings in order:
-            secondary = self.destinations[settings.secondary].buffer if settings.secondary else None
-            buffer = Buffer(name, settings.buffer, build_sink(name, settings, worker), secondary)
-            self.destinations[name] = Destination(name, Formatter(settings.inject), buffer)
+            secondary = (
+                self.destinations[settings.secondary].flusher if settings.secondary else None
+            )
+            store = build_store(name, settings.buffer, worker, workers)
+            sink = build_sink(name, settings, worker)
+            flusher = Flusher(name, settings.buffer, store, sink, secondary)
+            self.destinations[name] = Destination(name, Formatter(settings.inject), flusher)
         # One router per label (Fluentd's <label>): a source sees only its label's routes.
         self._routers: dict[str | None, Router[Destination]] = {
             label: Router([(route.match, self.destinations[route.destination])
@@ -67,8 +98,9 @@ class Pipeline:
 
     async def start(self) -> None:
         for dest in self.destinations.values():
-            await dest.buffer.sink.start()
-            dest.buffer.start()
+            await dest.flusher.store.start()
+            await dest.flusher.sink.start()
+            dest.flusher.start()
 
     def route(self, tag: str, label: str | None = None) -> Destination | None:
         """Where ``tag`` goes from a source with ``label``: the first matching route's."""
@@ -77,17 +109,17 @@ class Pipeline:
     def dispatch(
         self, tag: str, entries: Sequence[Any], source: str, *, label: str | None = None,
         strict: bool = False,
-    ) -> Outcome:  # fmt: skip
+    ) -> Outcome | Commit:  # fmt: skip
         """Route and buffer one message from ``source`` (whose routes are ``label``'s). An entry
         that cannot be encoded is left out, counted and warned about, and the rest is buffered;
         with ``strict``, it raises formatting.InvalidEvent instead, and nothing of the message
-        is buffered."""
+        is buffered. A :class:`Commit`: accepted, and safe once it settles (a file buffer)."""
         dest = self._routers[label].route(tag)  # route(), inlined: once per read
         if dest is None:
             self._unmatched(tag, len(entries))
             return Outcome.UNMATCHED
-        buffer = dest.buffer
-        admission = buffer.admit()
+        flusher = dest.flusher
+        admission = flusher.admit()
         if admission is Admission.BLOCKED:
             return Outcome.BLOCKED
         if admission is Admission.REJECTED:
@@ -97,17 +129,19 @@ class Pipeline:
         if encoded.invalid:
             self._invalid(source, tag, encoded.invalid, encoded.error)
         if encoded.lines:
-            buffer.append(encoded.lines, encoded.nbytes, tag)
+            commit = flusher.store.append(tag, encoded.lines, encoded.nbytes)
+            if commit is not None:
+                return commit
         return Outcome.ACCEPTED
 
     async def wait_for_room(self, tag: str, label: str | None = None) -> None:
         dest = self.route(tag, label)
         if dest is not None:
-            await dest.buffer.wait_for_room()
+            await dest.flusher.wait_for_room()
 
     def flush_all(self) -> None:
         for dest in self.destinations.values():
-            dest.buffer.flush_now()
+            dest.flusher.flush_now()
 
     def abandon(self, tag: str, events: int, reason: str, label: str | None = None) -> None:
         """Count events a source took from a client but could not hand to a buffer."""
@@ -115,45 +149,62 @@ class Pipeline:
         name = dest.name if dest is not None else "none"
         metrics.DROPPED_EVENTS.labels(name, reason).inc(events)
         if dest is not None:
-            dest.buffer.dropped += events
+            dest.flusher.dropped += events
 
     @property
     def has_secondary(self) -> bool:
         return any(d.secondary for d in self.config.destinations.values())
 
-    async def close(self, plan: StopPlan, handoff: tuple[str, int] | None = None) -> None:
+    async def close(self, plan: StopPlan, handoff: tuple[str, int] | None = None) -> list[str]:
         """Flush every buffer until ``plan.flush_until``; hand what is left to ``handoff`` until
-        ``plan.handoff_until``; then to the secondaries, which write until ``plan.end``."""
+        ``plan.handoff_until``; then to the secondaries, which write until ``plan.end``, except
+        what file buffers keep on disk. Returns what they kept, one line each."""
         secondaries = {d.secondary for d in self.config.destinations.values() if d.secondary}
         primaries = [d for n, d in self.destinations.items() if n not in secondaries]
-        if handoff is not None:
-            for dest in primaries:
-                dest.buffer.leftovers = []
-        await asyncio.gather(*(dest.buffer.close(plan.flush_until) for dest in primaries))
+        await asyncio.gather(*(dest.flusher.close(plan.flush_until) for dest in primaries))
         if handoff is not None:
             await self._hand_off(handoff, primaries, plan.handoff_until)
-        await asyncio.gather(*(self.destinations[n].buffer.close(plan.end) for n in secondaries))
+        kept = [await dest.flusher.release() for dest in primaries]
+        last = [self.destinations[n].flusher for n in secondaries]
+        await asyncio.gather(*(flusher.close(plan.end) for flusher in last))
+        kept += [await flusher.release() for flusher in last]
+        return [line for line in kept if line]
 
     async def _hand_off(
         self, address: tuple[str, int], primaries: list[Destination], until: float
     ) -> None:
-        sent: list[tuple[Destination, list[bytes], Parcel]] = []
+        """Hand off what the primaries' stores hold, chunk by chunk as acks come back; a chunk
+        not wholly acknowledged in time goes back to its store with what is left of it."""
+        unfinished: set[_HandedChunk] = set()
+        parcels = self._parcels(primaries, unfinished)
+        try:
+            await hand_off(address, parcels, until)
+        finally:
+            parcels.close()
+        for handed in unfinished:
+            acked = {id(line) for piece, parcel in handed.pieces if parcel.acked
+                     for line in piece}  # fmt: skip
+            chunk = handed.chunk
+            chunk.pending = [line for line in chunk.undelivered if id(line) not in acked]
+            handed.dest.flusher.store.requeue(chunk)
+
+    def _parcels(
+        self, primaries: list[Destination], unfinished: set[_HandedChunk]
+    ) -> Generator[Parcel, None, None]:
         for dest in primaries:
-            for tag, lines in dest.buffer.leftovers or ():
-                for i in range(0, len(lines), MESSAGE_EVENTS):
-                    piece = lines[i : i + MESSAGE_EVENTS]
-                    parcel = Parcel.of(tag, [dest.formatter.entry_of(line) for line in piece])
-                    sent.append((dest, piece, parcel))
-            dest.buffer.leftovers = None
-        if not sent:
-            return
-        await hand_off(address, [parcel for _, _, parcel in sent], until)
-        for dest, lines, parcel in sent:
-            if parcel.acked:
-                metrics.HANDOFF_EVENTS.labels(dest.name).inc(len(lines))
-                dest.buffer.handed_off += len(lines)
-            else:
-                dest.buffer.hand_on(lines, SHUTDOWN_DEADLINE)
+            store = dest.flusher.store
+            while (chunk := store.take()) is not None:
+                handed = _HandedChunk(dest, chunk, unfinished)
+                unfinished.add(handed)
+                for tag, lines in tagged(chunk, chunk.undelivered):
+                    for i in range(0, len(lines), MESSAGE_EVENTS):
+                        piece = lines[i : i + MESSAGE_EVENTS]
+                        entries = [dest.formatter.entry_of(line) for line in piece]
+                        parcel = Parcel.of(tag, entries, partial(handed.acked, len(piece)))
+                        handed.pieces.append((piece, parcel))
+                        yield parcel
+                handed.all_sent = True
+                handed.finish_if_done()
 
     def _invalid(self, source: str, tag: str, events: int, error: str) -> None:
         metrics.INPUT_ERRORS.labels(source, InvalidEvent.reason).inc(events)

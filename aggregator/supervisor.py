@@ -212,6 +212,8 @@ class Supervisor:
             self.config_path,
             "--index",
             str(slot.index),
+            "--workers",
+            str(len(self.slots)),
             "--listeners",
             json.dumps(spec),
             "--ready-fd",
@@ -322,17 +324,23 @@ class Supervisor:
         diverted = sum(metrics.values("aggregator_secondary_events_total").values())
         delivered = sum(metrics.values("aggregator_output_events_total").values())
         handed_off = sum(metrics.values("aggregator_handoff_events_total").values())
+        kept = int(sum(metrics.values("aggregator_buffer_kept_bytes_total").values()))
         fields = {
             "delivered": int(delivered),
             "handed_off": int(handed_off),
             "to_secondary": int(diverted),
             "dropped": int(dropped),
+            "kept_on_disk_bytes": kept,
             "exit_codes": codes,
         }
         if all(code == EXIT_OK for code in codes):
+            on_disk = (
+                f"; {kept} bytes kept on disk by file buffers for the next start there"
+                if kept else ""
+            )  # fmt: skip
             log.info(
                 f"stopped: {int(delivered)} events delivered, {int(handed_off)} handed off, "
-                "none lost on the way out",
+                f"none lost on the way out{on_disk}",
                 extra=fields,
             )
             return EXIT_OK

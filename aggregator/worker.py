@@ -51,10 +51,10 @@ files, the event loop's own."""
 
 
 class Worker:
-    def __init__(self, config: Config, index: int = 0) -> None:
+    def __init__(self, config: Config, index: int = 0, workers: int = 1) -> None:
         self.config = config
         self.index = index
-        self.pipeline = Pipeline(config, index)
+        self.pipeline = Pipeline(config, index, workers)
         self.sources: list[ForwardServer | HttpServer] = [
             ForwardServer(settings, self.pipeline, config.server)
             if isinstance(settings, ForwardSource)
@@ -85,9 +85,10 @@ class Worker:
         self._stop.set()
 
     def force_stop(self) -> None:
-        """Exit now. What the buffers hold is lost: counted, so the summary says so."""
+        """Exit now. What memory buffers hold is lost: counted, so the summary says so (file
+        buffers keep theirs on disk for the next start)."""
         for dest in self.pipeline.destinations.values():
-            if events := dest.buffer.buffered_events:
+            if events := dest.flusher.volatile_events:
                 metrics.DROPPED_EVENTS.labels(dest.name, "forced_stop").inc(events)
         metrics.publish_tallies()
         log.error("forced stop: exiting now; buffered events are lost")
@@ -105,7 +106,7 @@ class Worker:
             server, started, handoff=server.handoff is not None,
             secondary=self.pipeline.has_secondary,
         )  # fmt: skip
-        buffers = [d.buffer for d in self.pipeline.destinations.values()]
+        buffers = [d.flusher for d in self.pipeline.destinations.values()]
         undelivered_before = sum(b.dropped + b.diverted for b in buffers)
         log.info(
             "stopping: no new connections; closing open ones at their safe moment",
@@ -116,13 +117,13 @@ class Worker:
         await asyncio.gather(*(s.drain(plan.drain_until) for s in self.sources))
         flush_s = round(plan.flush_until - started, 1)
         log.info("stopping: flushing buffers", extra={"flush_s": flush_s})
-        await self.pipeline.close(plan, server.handoff_address)
+        kept = await self.pipeline.close(plan, server.handoff_address)
         elapsed = round(time.monotonic() - started, 3)
         dropped = sum(b.dropped for b in buffers)
         diverted = sum(b.diverted for b in buffers)
         handed_off = sum(b.handed_off for b in buffers)
         counts = {"handed_off": handed_off, "dropped": dropped, "diverted": diverted,
-                  "seconds": elapsed}  # fmt: skip
+                  "seconds": elapsed, "kept_on_disk": kept}  # fmt: skip
         if dropped + diverted > undelivered_before:
             log.error(
                 f"stopped: events not delivered to their destination: {diverted} to a secondary, "
@@ -130,6 +131,13 @@ class Worker:
                 extra=counts,
             )
             return EXIT_UNDELIVERED
+        if kept:
+            log.warning(
+                f"stopped: {handed_off} events handed off; file buffers keep the rest on disk "
+                "for the next start there (not dropped): " + "; ".join(kept),
+                extra=counts,
+            )
+            return EXIT_OK
         log.info(
             f"stopped: every buffered event was delivered or handed off ({handed_off})",
             extra=counts,
@@ -150,8 +158,9 @@ async def serve(
     index: int = 0,
     listeners: Sequence[Listener] | None = None,
     ready_fd: int | None = None,
+    workers: int = 1,
 ) -> int:
-    worker = Worker(config, index)
+    worker = Worker(config, index, workers)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
     loop.add_signal_handler(signal.SIGUSR1, worker.pipeline.flush_all)
@@ -259,9 +268,10 @@ def run(
     index: int = 0,
     listeners: Sequence[Listener] | None = None,
     ready_fd: int | None = None,
+    workers: int = 1,
 ) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(serve(config, index, listeners, ready_fd))
+        return runner.run(serve(config, index, listeners, ready_fd, workers))
 
 
 def _listeners(spec: str) -> list[Listener]:
@@ -282,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aggregator.worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1, help="how many the supervisor runs")
     parser.add_argument("--listeners", required=True)
     parser.add_argument("--ready-fd", type=int)
     args = parser.parse_args(argv)
@@ -291,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aggregator worker {args.index}: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(config.server.log_level, worker=args.index)
-    return run(config, args.index, _listeners(args.listeners), args.ready_fd)
+    return run(config, args.index, _listeners(args.listeners), args.ready_fd, args.workers)
 
 
 if __name__ == "__main__":

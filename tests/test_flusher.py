@@ -1,7 +1,8 @@
-"""The buffer's flushing, retry, overflow and shutdown policy, against a scripted sink.
+"""The flusher's flushing, retry, overflow and shutdown policy, against a scripted sink, over
+both stores (memory, and file in a temporary directory).
 
 The sink here stands for the outside world (a destination that succeeds, throttles or refuses);
-the buffer itself is the real one.
+the flusher and the stores are the real ones.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
-from aggregator.buffer import Admission, Buffer, Chunk, tagged
+import pytest
+
 from aggregator.config.model import BufferSettings
+from aggregator.flusher import Admission, Flusher
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
+from aggregator.stores import Chunk, ChunkStore, build_store, tagged
+
+STORES = ["memory", "file"]
 
 
 class ScriptedSink:
@@ -43,13 +50,44 @@ class ScriptedSink:
         pass
 
 
-def settings(**kw: Any) -> BufferSettings:
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that takes it runs on both stores: "memory", or a file store's directory."""
+    return "memory" if request.param == "memory" else str(tmp_path / "buffer")
+
+
+def settings(store: str = "memory", **kw: Any) -> BufferSettings:
+    """Small, fast settings; ``store``: "memory" or a file store's directory."""
     base: dict[str, Any] = {
         "flush_interval": 0.05, "retry_wait": 0.01, "retry_max_interval": 0.02,
         "chunk_limit_size": 1000, "total_limit_size": 10_000,
     }  # fmt: skip
+    if store != "memory":
+        base |= {"type": "file", "path": store, "free_space_reserve": 0}
     base.update(kw)
     return BufferSettings(**base)
+
+
+async def started(
+    name: str, s: BufferSettings, sink: ScriptedSink, secondary: Flusher | None = None,
+    rng: random.Random | None = None,
+) -> Flusher:  # fmt: skip
+    """A started flusher (its store too) on ``sink``."""
+    store: ChunkStore = build_store(name, s)
+    flusher = Flusher(name, s, store, sink, secondary, rng=rng)
+    await store.start()
+    flusher.start()
+    return flusher
+
+
+def append(flusher: Flusher, lines: list[bytes], nbytes: int, tag: str = "") -> None:
+    flusher.store.append(tag, lines, nbytes)
+
+
+async def stop(flusher: Flusher, deadline: float) -> str:
+    """The stop as the pipeline runs it, without a hand-off."""
+    await flusher.close(deadline)
+    return await flusher.release()
 
 
 def lines(n: int, start: int = 0, size: int = 10) -> list[bytes]:
@@ -60,72 +98,68 @@ def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(asyncio.wait_for(coro(), 10))
 
 
-def with_secondary(
-    script: Callable[[int, list[bytes]], WriteResult | None], **kw: Any
-) -> tuple[Buffer, ScriptedSink, Buffer, ScriptedSink]:
-    """A started buffer (``settings(**kw)``) on a scripted sink, and its started secondary:
-    ``buf, sink, secondary, dead``."""
+async def with_secondary(
+    script: Callable[[int, list[bytes]], WriteResult | None], store: str = "memory", **kw: Any
+) -> tuple[Flusher, ScriptedSink, Flusher, ScriptedSink]:
+    """A started flusher (``settings(store, **kw)``) on a scripted sink, and its started
+    secondary (in memory): ``buf, sink, secondary, dead``."""
     dead = ScriptedSink()
-    secondary = Buffer("dead", settings(), dead)
+    secondary = await started("dead", settings(), dead)
     sink = ScriptedSink(script)
-    buf = Buffer("t", settings(**kw), sink, secondary)
-    secondary.start()
-    buf.start()
+    buf = await started("t", settings(store, **kw), sink, secondary)
     return buf, sink, secondary, dead
 
 
-async def settle(buf: Buffer, sink: ScriptedSink, count: int, timeout: float = 3.0) -> None:
+async def settle(buf: Flusher, sink: ScriptedSink, count: int, timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while len(sink.delivered) < count and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
 
 
-def test_flush_on_size_count_and_interval() -> None:
+def test_flush_on_size_count_and_interval(store: str) -> None:
     async def main() -> None:
         sink = ScriptedSink()
-        buf = Buffer("t", settings(chunk_limit_size=100, chunk_limit_records=3, flush_interval=30),
-                     sink)  # fmt: skip
-        buf.start()
-        buf.append(lines(10), 100)  # size
+        s = settings(store, chunk_limit_size=100, chunk_limit_records=3, flush_interval=30)
+        buf = await started("t", s, sink)
+        append(buf, lines(10), 100)  # size
         await settle(buf, sink, 10)
         assert len(sink.delivered) == 10
         for i in range(3):
-            buf.append(lines(1, 10 + i), 10)  # count
+            append(buf, lines(1, 10 + i), 10)  # count
         await settle(buf, sink, 13)
         assert len(sink.delivered) == 13
         fast = ScriptedSink()
-        timed = Buffer("u", settings(flush_interval=0.05), fast)
-        timed.start()
-        timed.append(lines(1), 10)  # interval
+        other = store if store == "memory" else store + "-2"
+        timed = await started("u", settings(other, flush_interval=0.05), fast)
+        append(timed, lines(1), 10)  # interval
         await settle(timed, fast, 1, timeout=1)
         assert len(fast.delivered) == 1
-        await buf.close(time.monotonic() + 1)
-        await timed.close(time.monotonic() + 1)
-        assert buf.buffered_bytes == 0
+        assert await stop(buf, time.monotonic() + 1) == ""
+        assert await stop(timed, time.monotonic() + 1) == ""
+        assert buf.store.held_bytes == 0
 
     run(main)
 
 
-def test_partial_failures_are_retried_alone_until_delivered() -> None:
+def test_partial_failures_are_retried_alone_until_delivered(store: str) -> None:
     async def main() -> None:
         # Every other attempt fails a third of its lines: they alone come back.
         def script(attempt: int, batch: list[bytes]) -> WriteResult | None:
             return WriteResult(retry=batch[::3]) if attempt % 2 else None
 
         sink = ScriptedSink(script)
-        buf = Buffer("t", settings(), sink)
-        buf.start()
+        buf = await started("t", settings(store), sink)
         sent = lines(90)
         for i in range(0, 90, 10):
-            buf.append(sent[i : i + 10], 100)
-        await buf.close(time.monotonic() + 5)
+            append(buf, sent[i : i + 10], 100)
+        await stop(buf, time.monotonic() + 5)
         assert sorted(sink.delivered) == sent  # each exactly once
-        assert buf.dropped == 0 and buf.buffered_bytes == 0
+        assert buf.dropped == 0 and buf.store.held_bytes == 0
 
     run(main)
 
 
-def test_whole_call_failures_are_retried() -> None:
+def test_whole_call_failures_are_retried(store: str) -> None:
     async def main() -> None:
         def script(attempt: int, batch: list[bytes]) -> WriteResult | None:
             if attempt <= 3:
@@ -133,27 +167,26 @@ def test_whole_call_failures_are_retried() -> None:
             return None
 
         sink = ScriptedSink(script)
-        buf = Buffer("t", settings(), sink)
-        buf.start()
-        buf.append(lines(5), 50)
-        await buf.close(time.monotonic() + 5)
+        buf = await started("t", settings(store), sink)
+        append(buf, lines(5), 50)
+        await stop(buf, time.monotonic() + 5)
         assert sink.delivered == lines(5) and sink.attempts == 4
 
     run(main)
 
 
-def test_refused_and_exhausted_lines_go_to_secondary() -> None:
+def test_refused_and_exhausted_lines_go_to_secondary(store: str) -> None:
     async def main() -> None:
         def script(attempt: int, batch: list[bytes]) -> WriteResult | None:
             result = WriteResult(retry=[x for x in batch if x.startswith(b"00000001")])
             result.reject("record_too_large", [x for x in batch if x.startswith(b"00000002")])
             return result
 
-        buf, sink, secondary, dead = with_secondary(script, retry_max_times=2)
+        buf, sink, secondary, dead = await with_secondary(script, store, retry_max_times=2)
         sent = lines(30)
-        buf.append(sent, 300)
-        await buf.close(time.monotonic() + 5)
-        await secondary.close(time.monotonic() + 5)
+        append(buf, sent, 300)
+        await stop(buf, time.monotonic() + 5)
+        await stop(secondary, time.monotonic() + 5)
         assert sorted(sink.delivered + dead.delivered) == sent
         assert sorted(dead.delivered) == sent[10:30]
         assert sink.attempts == 3  # the first try and two retries
@@ -162,17 +195,16 @@ def test_refused_and_exhausted_lines_go_to_secondary() -> None:
     run(main)
 
 
-def test_without_secondary_undeliverable_lines_are_dropped_and_counted() -> None:
+def test_without_secondary_undeliverable_lines_are_dropped_and_counted(store: str) -> None:
     async def main() -> None:
         def script(attempt: int, batch: list[bytes]) -> WriteResult:
             result = WriteResult()
             result.reject("invalid_argument", batch)
             return result
 
-        buf = Buffer("t", settings(), ScriptedSink(script))
-        buf.start()
-        buf.append(lines(7), 70)
-        await buf.close(time.monotonic() + 5)
+        buf = await started("t", settings(store), ScriptedSink(script))
+        append(buf, lines(7), 70)
+        assert await stop(buf, time.monotonic() + 5) == ""
         assert buf.dropped == 7
 
     run(main)
@@ -182,10 +214,9 @@ def test_block_admission_waits_for_room() -> None:
     async def main() -> None:
         sink = ScriptedSink()
         sink.gate.clear()  # the destination stalls
-        buf = Buffer("t", settings(chunk_limit_size=100, total_limit_size=200), sink)
-        buf.start()
-        buf.append(lines(10), 100)
-        buf.append(lines(10, 10), 100)
+        buf = await started("t", settings(chunk_limit_size=100, total_limit_size=200), sink)
+        append(buf, lines(10), 100)
+        append(buf, lines(10, 10), 100)
         assert buf.admit() is Admission.BLOCKED
         waiter = asyncio.ensure_future(buf.wait_for_room())
         await asyncio.sleep(0.1)
@@ -193,7 +224,7 @@ def test_block_admission_waits_for_room() -> None:
         sink.gate.set()  # the destination resumes
         await asyncio.wait_for(waiter, 2)
         assert buf.admit() is Admission.ACCEPTED
-        await buf.close(time.monotonic() + 2)
+        await stop(buf, time.monotonic() + 2)
         assert len(sink.delivered) == 20
 
     run(main)
@@ -204,32 +235,35 @@ def test_throw_exception_rejects_when_full() -> None:
         sink = ScriptedSink()
         sink.gate.clear()
         s = settings(chunk_limit_size=100, total_limit_size=100, overflow_action="throw_exception")
-        buf = Buffer("t", s, sink)
-        buf.start()
-        buf.append(lines(10), 100)
+        buf = await started("t", s, sink)
+        append(buf, lines(10), 100)
         assert buf.admit() is Admission.REJECTED
         sink.gate.set()
-        await buf.close(time.monotonic() + 2)
+        await stop(buf, time.monotonic() + 2)
 
     run(main)
 
 
-def test_drop_oldest_chunk_makes_room_and_counts() -> None:
+def test_drop_oldest_chunk_makes_room_and_counts(store: str) -> None:
     async def main() -> None:
         sink = ScriptedSink()
         sink.gate.clear()
-        s = settings(chunk_limit_size=100, total_limit_size=200, flush_thread_count=1,
+        # A file buffer counts its segments' bytes (and each has an 8-byte header, each frame a
+        # header of its own): its limit here is set so that two chunks fill it.
+        limit = 200 if store == "memory" else 250
+        s = settings(store, chunk_limit_size=100, total_limit_size=limit, flush_thread_count=1,
                      overflow_action="drop_oldest_chunk")  # fmt: skip
-        buf = Buffer("t", s, sink)
-        buf.start()
-        buf.append(lines(10), 100)  # in flight, stuck
+        buf = await started("t", s, sink)
+        append(buf, lines(10), 100)  # in flight, stuck
         await asyncio.sleep(0.05)
-        buf.append(lines(10, 10), 100)  # queued
+        append(buf, lines(10, 10), 100)  # queued
+        buf.flush_now()
+        assert not buf.store.has_room()
         assert buf.admit() is Admission.ACCEPTED  # by dropping the queued chunk
         assert buf.dropped == 10
-        buf.append(lines(10, 20), 100)
+        append(buf, lines(10, 20), 100)
         sink.gate.set()
-        await buf.close(time.monotonic() + 2)
+        await stop(buf, time.monotonic() + 2)
         assert sorted(sink.delivered) == lines(10) + lines(10, 20)
 
     run(main)
@@ -240,13 +274,41 @@ def test_shutdown_deadline_hands_everything_on() -> None:
         def script(attempt: int, batch: list[bytes]) -> WriteResult:
             raise RetryableError("service_unavailable")
 
-        buf, _, secondary, dead = with_secondary(script, retry_wait=0.05, retry_max_interval=0.1)
-        buf.append(lines(25), 250)
-        started = time.monotonic()
-        await buf.close(started + 0.5)
-        assert time.monotonic() - started < 1.0
-        await secondary.close(time.monotonic() + 1)
+        buf, _, secondary, dead = await with_secondary(
+            script, retry_wait=0.05, retry_max_interval=0.1
+        )
+        append(buf, lines(25), 250)
+        started_at = time.monotonic()
+        await stop(buf, started_at + 0.5)
+        assert time.monotonic() - started_at < 1.0
+        await stop(secondary, time.monotonic() + 1)
         assert sorted(dead.delivered) == lines(25)
+
+    run(main)
+
+
+def test_at_the_deadline_a_file_buffer_keeps_what_is_left_on_disk(tmp_path: Path) -> None:
+    """Not to the secondary, not dropped: the next start on the same path delivers it."""
+
+    async def main() -> None:
+        def script(attempt: int, batch: list[bytes]) -> WriteResult:
+            raise RetryableError("service_unavailable")
+
+        path = str(tmp_path / "buffer")
+        buf, _, secondary, dead = await with_secondary(script, path, chunk_limit_size=100)
+        for i in range(0, 30, 10):
+            append(buf, lines(10, i), 100)
+        kept = await stop(buf, time.monotonic() + 0.3)
+        assert "kept in" in kept and buf.dropped == buf.diverted == 0
+        await stop(secondary, time.monotonic() + 1)
+        assert dead.delivered == []
+
+        sink = ScriptedSink()
+        again = await started("t", settings(path, chunk_limit_size=100), sink)
+        await settle(again, sink, 30)
+        assert sorted(sink.delivered) == lines(30)
+        assert await stop(again, time.monotonic() + 1) == ""
+        assert not list((tmp_path / "buffer" / "w0").glob("*.seg"))
 
     run(main)
 
@@ -267,21 +329,41 @@ def test_a_chunk_waiting_for_its_retry_holds_no_flush_slot() -> None:
 
         sink = ScriptedSink(script)
         s = settings(flush_thread_count=1, retry_wait=30, retry_max_interval=30)
-        buf = Buffer("t", s, sink, rng=LongestWait())
-        buf.start()
-        buf.append(lines(10), 100)
+        buf = await started("t", s, sink, rng=LongestWait())
+        append(buf, lines(10), 100)
         buf.flush_now()
         await asyncio.sleep(0.05)  # its first attempt failed: it now waits 30 s
-        buf.append(lines(10, 10), 100)
+        append(buf, lines(10, 10), 100)
         buf.flush_now()
         await settle(buf, sink, 10, timeout=1)
         assert sink.delivered == lines(10, 10), "the only slot was held by a waiting chunk"
-        assert buf.buffered_events == 10
+        assert buf.volatile_events == 10
 
     run(main)
 
 
-def test_the_stop_cuts_a_long_retry_wait_short() -> None:
+def test_an_outage_holds_a_window_of_chunks_not_every_chunk(store: str) -> None:
+    """Chunks beyond WINDOW_PER_THREAD x flush_thread_count wait in the store, untried: an
+    outage costs a few attempts per retry interval, and a file buffer reads back only those."""
+
+    async def main() -> None:
+        def script(attempt: int, batch: list[bytes]) -> WriteResult | None:
+            raise RetryableError("throttled")
+
+        sink = ScriptedSink(script)
+        s = settings(store, flush_thread_count=2, chunk_limit_size=100, retry_wait=30,
+                     retry_max_interval=30)  # fmt: skip
+        buf = await started("t", s, sink, rng=LongestWait())
+        for i in range(0, 200, 10):
+            append(buf, lines(10, i), 100)  # 20 chunks
+        await asyncio.sleep(0.2)
+        assert sink.attempts == 4  # the window: 2 x 2, each tried once and waiting 30 s
+        assert buf.store.queued  # the other 16 wait in the store
+
+    run(main)
+
+
+def test_the_stop_cuts_a_long_retry_wait_short(store: str) -> None:
     async def main() -> None:
         def script(attempt: int, batch: list[bytes]) -> WriteResult | None:
             if attempt == 1:
@@ -289,41 +371,46 @@ def test_the_stop_cuts_a_long_retry_wait_short() -> None:
             return None
 
         sink = ScriptedSink(script)
-        buf = Buffer("t", settings(retry_wait=30, retry_max_interval=30), sink, rng=LongestWait())
-        buf.start()
-        buf.append(lines(5), 50)
+        s = settings(store, retry_wait=30, retry_max_interval=30)
+        buf = await started("t", s, sink, rng=LongestWait())
+        append(buf, lines(5), 50)
         buf.flush_now()
         await asyncio.sleep(0.05)  # failed once; its next try is 30 s away
-        started = time.monotonic()
-        await buf.close(started + 5)
+        started_at = time.monotonic()
+        await stop(buf, started_at + 5)
         assert sink.delivered == lines(5)
-        assert time.monotonic() - started < 1.5  # STOP_RETRY_MAX_INTERVAL, not 30 s
+        assert time.monotonic() - started_at < 1.5  # STOP_RETRY_MAX_INTERVAL, not 30 s
 
     run(main)
 
 
-def test_at_the_deadline_leftovers_come_back_by_tag_for_a_hand_off() -> None:
+def test_at_the_deadline_what_is_held_goes_back_to_the_store_by_tag(store: str) -> None:
+    """For a hand-off: the pipeline takes it from there."""
+
     async def main() -> None:
         def script(attempt: int, batch: list[bytes]) -> WriteResult:
             # Half of every attempt is refused for now: the rest is delivered.
             return WriteResult(retry=batch[::2])
 
-        buf, sink, secondary, dead = with_secondary(script, chunk_limit_size=10_000)
-        buf.leftovers = []
+        buf, sink, secondary, dead = await with_secondary(script, store, chunk_limit_size=10_000)
         sent = {"a": lines(4), "b": lines(3, 4), "c": lines(5, 7)}
-        buf.append(sent["a"][:2], 20, "a")
-        buf.append(sent["a"][2:], 20, "a")
-        buf.append(sent["b"], 30, "b")
-        buf.append(sent["c"], 50, "c")
+        append(buf, sent["a"][:2], 20, "a")
+        append(buf, sent["a"][2:], 20, "a")
+        append(buf, sent["b"], 30, "b")
+        append(buf, sent["c"], 50, "c")
         await buf.close(time.monotonic() + 0.3)
-        left = buf.leftovers
+        left = []
+        while (chunk := buf.store.take()) is not None:
+            left += tagged(chunk, chunk.undelivered)
+            buf.store.finish(chunk)
         assert left and all(line not in sink.delivered for _, batch in left for line in batch)
         for tag, batch in left:
             assert set(batch) <= set(sent[tag])
         assert sorted(sink.delivered + [x for _, b in left for x in b]) == lines(12)
         assert buf.dropped == buf.diverted == 0 and dead.delivered == []
-        assert buf.buffered_bytes == 0  # leftovers no longer count against the limit
-        await secondary.close(time.monotonic() + 1)
+        assert await buf.release() == ""
+        assert buf.store.held_bytes == 0
+        await stop(secondary, time.monotonic() + 1)
 
     run(main)
 
@@ -338,20 +425,20 @@ def test_tagged_groups_a_subset_of_a_chunks_lines_by_tag_in_order() -> None:
     assert tagged(chunk, subset) == [("a", subset[:1]), ("b", subset[1:2]), ("a", subset[2:])]
 
 
-def test_lines_appended_while_closing_are_delivered_before_close_returns() -> None:
+def test_lines_appended_while_closing_are_delivered_before_close_returns(store: str) -> None:
     """As a secondary gets lines from its primary while both stop."""
 
     async def main() -> None:
         sink = ScriptedSink()
         sink.gate.clear()
-        buf = Buffer("t", settings(flush_interval=30), sink)
-        buf.start()
-        buf.append(lines(5), 50)
+        buf = await started("t", settings(store, flush_interval=30), sink)
+        append(buf, lines(5), 50)
         closing = asyncio.create_task(buf.close(time.monotonic() + 5))
         await asyncio.sleep(0.05)  # the first chunk is in an attempt, held at the gate
-        buf.append(lines(5, 5), 50)
+        append(buf, lines(5, 5), 50)
         sink.gate.set()
         await closing
         assert sorted(sink.delivered) == lines(10)
+        assert await buf.release() == ""
 
     run(main)

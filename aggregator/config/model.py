@@ -7,6 +7,7 @@ Names follow Fluentd's where Fluentd has the concept (``chunk_limit_size``, ``fl
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -293,6 +294,31 @@ class Inject(Strict):
 class BufferSettings(Strict):
     """One buffer per destination: chunks, limits, flushing and retries (Fluentd's <buffer>)."""
 
+    type: Literal["memory", "file"] = Field(
+        "memory",
+        description="memory: events wait in the worker's memory (lost if it dies). file: every "
+        "event is written to a file under path before it is acknowledged, survives a worker "
+        "crash or restart, and a Firehose outage longer than memory (Fluentd's @type file).",
+    )
+    path: str | None = Field(
+        None,
+        description="type = file: a directory of this destination's own (created if missing); "
+        "each worker writes in its own subdirectory w<index>, which it locks.",
+    )
+    fsync: Literal["periodic", "always", "off"] = Field(
+        "periodic",
+        description="type = file: when written data is forced to the disk itself. Every event "
+        "is written to the kernel before its ack, which a process crash cannot lose; fsync adds "
+        "a host crash: periodic = every fsync_interval (the last interval may be lost), always "
+        "= before every ack (slower), off = when the kernel chooses.",
+    )
+    fsync_interval: Duration = Field(1.0, gt=0, description="fsync = periodic: how often.")
+    free_space_reserve: Size = Field(
+        100 * 1024 * 1024,
+        ge=0,
+        description="type = file: when the filesystem has less free space than this, the "
+        "buffer counts as full (overflow_action applies) until it has again.",
+    )
     chunk_limit_size: Size = Field(
         1024 * 1024, gt=0, description="A chunk is flushed at this size."
     )
@@ -303,8 +329,9 @@ class BufferSettings(Strict):
     total_limit_size: Size = Field(
         256 * 1024 * 1024,
         gt=0,
-        description="Memory the buffer may hold (open, queued and in-flight chunks): the events' "
-        "JSON plus about 56 bytes of bookkeeping per event.",
+        description="What the buffer may hold (open, queued and in-flight chunks). memory: the "
+        "events' JSON plus about 56 bytes of bookkeeping per event; file: bytes on disk "
+        "(Fluentd's meaning for file buffers).",
     )
     flush_thread_count: int = Field(
         4, ge=1, le=256, description="Chunks being delivered at the same time."
@@ -328,6 +355,10 @@ class BufferSettings(Strict):
     def _limits_consistent(self) -> BufferSettings:
         if self.total_limit_size < self.chunk_limit_size:
             raise ValueError("total_limit_size must be at least chunk_limit_size")
+        if self.type == "file" and not self.path:
+            raise ValueError('type = "file" needs path (a directory)')
+        if self.type == "memory" and self.path is not None:
+            raise ValueError('path is for type = "file"; this buffer is in memory')
         return self
 
 
@@ -503,6 +534,18 @@ class Config(Strict):
                     f"destinations.{name}.secondary: {dest.secondary!r} has a secondary of its "
                     "own; chains are not supported"
                 )
+        paths: dict[str, str] = {}
+        for name, dest in self.destinations.items():
+            path = dest.buffer.path
+            if path is None:
+                continue
+            key = os.path.normpath(os.path.abspath(path))
+            if key in paths:
+                raise ValueError(
+                    f"destinations.{name}.buffer.path: {path!r} is also "
+                    f"destinations.{paths[key]}'s: each file buffer needs its own directory"
+                )
+            paths[key] = name
         labels = {route.label for route in self.routes}
         for i, src in enumerate(self.sources):
             if src.label is not None and src.label not in labels:

@@ -39,6 +39,7 @@ from aggregator.sources import Listener
 from aggregator.sources.connections import ConnectionSet
 from aggregator.sources.tcp import reset_if_drained, reset_now, set_keepalive
 from aggregator.sources.tls import server_context
+from aggregator.stores import Commit
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class ForwardConnection(asyncio.Protocol):
         self._discarding = False  # FIN sent after the last ack: the rest is not ours to take
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._handshake: ServerHandshake | None = None  # until the client has authenticated
+        self._unwritten = 0  # acks waiting for a file buffer's write
         self._m_events = metrics.tally(metrics.INPUT_EVENTS.labels(server.settings.name))
         self._m_bytes = metrics.tally(metrics.INPUT_BYTES.labels(server.settings.name))
 
@@ -239,8 +241,27 @@ class ForwardConnection(asyncio.Protocol):
             self._m_events.pending += len(batch.entries)
             if batch.chunks:
                 self.uses_acks = True
-                if outcome is not Outcome.REJECTED:
+                if isinstance(outcome, Commit):
+                    self._ack_once_written(outcome, b"".join(map(encode_ack, batch.chunks)))
+                elif outcome is not Outcome.REJECTED:
                     transport.write(b"".join(map(encode_ack, batch.chunks)))
+
+    def _ack_once_written(self, commit: Commit, acks: bytes) -> None:
+        """A file buffer acknowledges once the events are written; a write that fails sends no
+        ack, and the client sends the message again."""
+        self._unwritten += 1
+
+        def written(ok: bool) -> None:
+            self._unwritten -= 1
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                return
+            if ok:
+                transport.write(acks)
+            if self._closing is not None:
+                self._close_if_safe()
+
+        commit.then(written)
 
     async def _resume_when_room(self, tag: str) -> None:
         await self._pipeline.wait_for_room(tag, self._server.settings.label)
@@ -304,8 +325,8 @@ class ForwardConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing() or self._discarding:
             return
-        if self._pending is not None or self._decoder.pending_bytes:
-            return  # a message is in progress or waits for buffer room
+        if self._pending is not None or self._decoder.pending_bytes or self._unwritten:
+            return  # a message is in progress, waits for buffer room, or for its ack
         if self.uses_acks:
             self._discarding = True
             if transport.can_write_eof():

@@ -34,6 +34,7 @@ from aggregator.formatting import InvalidEvent
 from aggregator.pipeline import Outcome, Pipeline
 from aggregator.protocol.decoder import DEFAULT_MAX_ENTRIES
 from aggregator.sources import Listener
+from aggregator.stores import Commit
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,8 @@ class HttpServer:
         self._m_events.inc(len(entries))
         if outcome is Outcome.REJECTED:
             return _text(503, "503 Service Unavailable\nbuffer full\n")
+        if isinstance(outcome, Commit) and not await outcome.wait():
+            return _text(503, "503 Service Unavailable\nthe buffer could not be written\n")
         return _text(200)
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -278,13 +281,14 @@ class HttpServer:
         destinations = {}
         for name, dest in self.pipeline.destinations.items():
             # This worker's own buffer is exact now; the merged gauges may lag a moment.
-            ratio = max(fill.get(name, 0.0), dest.buffer.fill_ratio)
+            store = dest.flusher.store
+            ratio = max(fill.get(name, 0.0), store.fill_ratio)
             if ratio > high_water:
                 problems.append(f"buffer {name} is {ratio:.0%} full")
             destinations[name] = {
-                "buffered_bytes": int(buffered.get(name, dest.buffer.buffered_bytes)),
+                "buffered_bytes": int(buffered.get(name, store.held_bytes)),
                 "fill_ratio": round(ratio, 4),
-                "last_success": last.get(name) or dest.buffer.last_success,
+                "last_success": last.get(name) or dest.flusher.last_success,
             }
         body: dict[str, object] = {}
         state = process.read_state()

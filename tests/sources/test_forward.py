@@ -63,11 +63,12 @@ async def serve(cfg: Config) -> AsyncIterator[ForwardServer]:
         server.stop_accepting()
         await server.drain(time.monotonic())
         for dest in pipeline.destinations.values():
-            await dest.buffer.close(time.monotonic() + 1)
+            await dest.flusher.close(time.monotonic() + 1)
+            await dest.flusher.release()
 
 
 def buffered(server: ForwardServer) -> int:
-    return server.pipeline.destinations["out"].buffer.buffered_events
+    return server.pipeline.destinations["out"].flusher.volatile_events
 
 
 def metric(name: str, **labels: str) -> float:
@@ -254,7 +255,8 @@ def test_an_unencodable_event_while_blocked_on_a_full_buffer_costs_only_itself()
                 chunk = "last"
                 with socket.create_connection(("127.0.0.1", server.port)) as client:
                     client.sendall(b"".join(filler))
-                    await until(lambda: not server.pipeline.destinations["fh"].buffer.has_room())
+                    store = server.pipeline.destinations["fh"].flusher.store
+                    await until(lambda: not store.has_room())
                     client.sendall(encode_message("app", 1700000000, deep(300))
                                    + encode_message("app", 1700000000, {"i": 100}, chunk=chunk))
                     await asyncio.sleep(0.2)
@@ -364,8 +366,8 @@ def test_a_connection_we_stopped_reading_is_not_timed_out() -> None:
                             for i in range(400)]  # fmt: skip
                 with socket.create_connection(("127.0.0.1", server.port)) as client:
                     client.sendall(b"".join(messages[:50]))  # fills the buffer
-                    buffer = server.pipeline.destinations["fh"].buffer
-                    await until(lambda: not buffer.has_room())
+                    store = server.pipeline.destinations["fh"].flusher.store
+                    await until(lambda: not store.has_room())
                     # More than a batch, and half a message: the decoder holds bytes while
                     # the connection waits for room.
                     client.sendall(b"".join(messages[50:399]) + messages[399][:20])

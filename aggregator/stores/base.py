@@ -1,0 +1,164 @@
+"""What every chunk store is to its destination's flusher: where events wait to be delivered.
+
+A store takes a destination's encoded lines as they are admitted, groups them into chunks
+(sealed at ``chunk_limit_size``, ``chunk_limit_records`` or ``flush_interval`` of age), and
+gives the sealed chunks to the flusher, oldest first, one at a time. The flusher owns delivery
+(attempts, retries, the secondary); the store owns bytes: their memory or their files, and the
+``total_limit_size`` they count against.
+
+``memory`` holds everything in the worker's memory, ``file`` writes every line to disk before it
+is acknowledged and reads a chunk back only when its turn comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aggregator.delivery import RetryState
+
+Tagged = tuple[str, list[bytes]]
+"""Lines of one tag, in order."""
+
+
+@dataclass(slots=True)
+class Chunk:
+    lines: list[bytes]
+    nbytes: int
+    created: float
+    tags: list[tuple[str, int]]
+    """``(tag, count)`` runs over ``lines``: a line's tag, kept for a hand-off at stop."""
+    pending: list[bytes] | None = None
+    """Lines still to deliver after an attempt that delivered some (None: all of them)."""
+    retry: RetryState = field(default_factory=RetryState)
+    place: Any = None
+    """Where a file store keeps it on disk (its own business)."""
+
+    @property
+    def undelivered(self) -> list[bytes]:
+        return self.lines if self.pending is None else self.pending
+
+
+def tagged(chunk: Chunk, lines: list[bytes]) -> list[Tagged]:
+    """``lines`` (all of ``chunk``'s or a subset, in order) grouped in runs of one tag."""
+    if lines is chunk.lines:
+        out: list[Tagged] = []
+        i = 0
+        for tag, count in chunk.tags:
+            out.append((tag, chunk.lines[i : i + count]))
+            i += count
+        return out
+    tag_of: dict[int, str] = {}
+    i = 0
+    for tag, count in chunk.tags:
+        for line in chunk.lines[i : i + count]:
+            tag_of[id(line)] = tag
+        i += count
+    out = []
+    for line in lines:
+        tag = tag_of[id(line)]
+        if out and out[-1][0] == tag:
+            out[-1][1].append(line)
+        else:
+            out.append((tag, [line]))
+    return out
+
+
+class Commit:
+    """The next group write of a store that writes before it acknowledges: what was appended
+    in this turn of the event loop is safe once it is written. Callbacks learn whether it was
+    (False: a write error; those events are not in the store)."""
+
+    __slots__ = ("_callbacks", "ok")
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[bool], None]] = []
+        self.ok: bool | None = None
+
+    def then(self, callback: Callable[[bool], None]) -> None:
+        if self.ok is None:
+            self._callbacks.append(callback)
+        else:
+            callback(self.ok)
+
+    async def wait(self) -> bool:
+        if self.ok is not None:
+            return self.ok
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def settled(ok: bool) -> None:
+            if not done.done():
+                done.set_result(ok)
+
+        self._callbacks.append(settled)
+        return await done
+
+    def settle(self, ok: bool) -> None:
+        self.ok = ok
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(ok)
+
+
+class ChunkStore(Protocol):
+    """A destination's store, used by its flusher and (for admission) by the pipeline."""
+
+    durable: bool
+    """True when what it holds survives the process (it is on disk)."""
+    on_sealed: Callable[[], None]
+    """Called when a chunk is sealed: the flusher wakes up to take it."""
+    on_dropped: Callable[[int, str], None]
+    """Called with events the store lost, and why (a write error, damage on disk)."""
+
+    @property
+    def held_bytes(self) -> int:
+        """What counts against ``total_limit_size``: memory for ``memory``, disk for ``file``."""
+
+    @property
+    def fill_ratio(self) -> float: ...
+
+    def has_room(self) -> bool:
+        """Whether new events may be appended now."""
+
+    async def start(self) -> None:
+        """Open files, find what an earlier process left (replayed through the normal path)."""
+
+    def append(self, tag: str, lines: list[bytes], nbytes: int) -> Commit | None:
+        """Add encoded lines of one tag. None: they are in the store now; a :class:`Commit`:
+        they will be once it is written (acknowledge only then)."""
+
+    def seal(self) -> None:
+        """Seal the open chunk now (a flush, the stop)."""
+
+    def seal_due(self, now: float) -> float | None:
+        """Seal the open chunk if it is ``flush_interval`` old at ``now``; when the next one is
+        due (None: no open chunk)."""
+
+    def take(self) -> Chunk | None:
+        """The oldest sealed chunk, its lines in memory; None when none is sealed."""
+
+    def requeue(self, chunk: Chunk) -> None:
+        """Give a taken chunk back, to be taken first (the stop: for a hand-off, or to stay)."""
+
+    def finish(self, chunk: Chunk) -> None:
+        """Done with a taken chunk (delivered, handed on or dropped): free what it holds."""
+
+    def drop_oldest(self) -> int | None:
+        """Discard the oldest sealed chunk not taken (``drop_oldest_chunk``): its event count,
+        or None when there is none."""
+
+    @property
+    def queued(self) -> bool:
+        """Whether anything is open or sealed and not taken."""
+
+    @property
+    def volatile_events(self) -> int:
+        """Events held (not taken) that a crash now would lose."""
+
+    def refresh(self) -> None:
+        """Periodic upkeep (once a second or so): e.g. check the disk's free space."""
+
+    async def close(self) -> str:
+        """Release files; what is left behind, for the stop's summary ("" when nothing)."""
