@@ -188,9 +188,16 @@ class FileStore:
         self._publish()
 
     def _valid_header(self, segment: Segment) -> bool:
-        """A segment too short for its header, or with another one, is damage as a whole."""
-        with open(segment.path, "rb") as f:
-            head = f.read(len(SEGMENT_HEADER))
+        """A segment too short for its header, or with another one, is damage as a whole; one
+        that cannot be read at all is left where it is, and said."""
+        try:
+            with open(segment.path, "rb") as f:
+                head = f.read(len(SEGMENT_HEADER))
+        except OSError as exc:
+            log.error("file buffer: cannot read a segment; left as it is",
+                      extra={"destination": self.name, "file": str(segment.path),
+                             "error": str(exc)})  # fmt: skip
+            return False
         if head == SEGMENT_HEADER or (segment.torn_ok and SEGMENT_HEADER.startswith(head)):
             if head != SEGMENT_HEADER:  # created, and the process died before its header
                 segment.path.unlink()

@@ -81,7 +81,7 @@ def scan(directory: Path) -> list[Segment]:
     if it was never closed, may end in a torn write."""
     found = []
     for path in directory.iterdir():
-        if m := _SEGMENT.fullmatch(path.name):
+        if (m := _SEGMENT.fullmatch(path.name)) and path.is_file():
             totals = (int(m.group(2)), int(m.group(3))) if m.group(2) else None
             found.append(Segment(int(m.group(1)), path, path.stat().st_size, totals=totals,
                                  found=True))  # fmt: skip

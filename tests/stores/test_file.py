@@ -56,11 +56,12 @@ def counter(name: str) -> float:
     return sum(metrics.values(name).values())
 
 
+@pytest.mark.parametrize("fsync", ["periodic", "always", "off"])
 def test_appends_are_written_at_the_end_of_the_loop_turn_then_the_commit_settles(
-    tmp_path: Path,
+    tmp_path: Path, fsync: str
 ) -> None:
     async def main() -> None:
-        store = await opened(tmp_path)
+        store = await opened(tmp_path, fsync=fsync, fsync_interval=0.01)
         first = store.append("a", lines(2), 30)
         second = store.append("b", lines(1, 2), 15)
         assert first is second and first is not None and first.ok is None
@@ -70,6 +71,7 @@ def test_appends_are_written_at_the_end_of_the_loop_turn_then_the_commit_settles
         assert data.startswith(SEGMENT_HEADER)
         out = decode(data, len(SEGMENT_HEADER), final=True)
         assert [(f.runs, f.lines) for f in out.frames] == [([("a", 2), ("b", 1)], lines(3))]
+        await asyncio.sleep(0.05)  # a periodic fsync or two
         await store.close()
 
     run(main)
@@ -231,6 +233,7 @@ def test_a_file_that_is_not_a_segment_does_not_stop_the_start(tmp_path: Path) ->
     write_and_keep(tmp_path, 1)
     bogus = tmp_path / "w0" / "000000000000.seg"
     bogus.write_bytes(b"not a segment\n" * 3)
+    (tmp_path / "w0" / "000000000099.seg").mkdir()  # not even a file
 
     async def main() -> None:
         store = await opened(tmp_path)
