@@ -62,10 +62,12 @@ def describe(config: Config) -> str:
             detail = f"directory {dest.path!r}"
         b = dest.buffer
         lines.append(f"  {name:<12} {dest.type:<9} {detail}".rstrip())
+        where = f"file in {b.path!r}, fsync {b.fsync}" if b.type == "file" else "memory"
         lines.append(
-            f"  {'':<12} buffer: chunk {b.chunk_limit_size} B / {b.chunk_limit_records} events / "
-            f"{b.flush_interval:g} s, total {b.total_limit_size} B, "
-            f"{b.flush_thread_count} concurrent flushes, on overflow {b.overflow_action}"
+            f"  {'':<12} buffer ({where}): chunk {b.chunk_limit_size} B / "
+            f"{b.chunk_limit_records} events / {b.flush_interval:g} s, total "
+            f"{b.total_limit_size} B, {b.flush_thread_count} concurrent flushes, on overflow "
+            f"{b.overflow_action}"
         )
         if dest.secondary:
             lines.append(f"  {'':<12} secondary: {dest.secondary}")

@@ -270,6 +270,19 @@ def _tls_version(value: str, where: str) -> str:
     return versions[value]
 
 
+def _buffer_type(value: str, where: str) -> str:
+    types = {"memory": "memory", "file": "file", "file_single": "file"}
+    if value not in types:
+        raise ConfigError(f"{where}: <buffer> @type {value} is not supported: memory or file")
+    return types[value]
+
+
+def _buffer_path(value: str, where: str) -> str:
+    """buf_file's path: a directory, or a file pattern with ``*`` in a directory; ours is
+    always a directory, and the files in it are our own."""
+    return os.path.dirname(value) if "*" in value else value
+
+
 # --- the mapping ------------------------------------------------------------------------------
 
 FLUENTD_RETRY_TIMEOUT = 72 * 3600.0
@@ -344,6 +357,9 @@ _TLS = Section(
 )
 _BUFFER = Section(
     rules={
+        "@type": ("type", _buffer_type),
+        "type": ("type", _buffer_type),
+        "path": ("path", _buffer_path),
         "chunk_limit_size": ("chunk_limit_size", fluent_size),
         "chunk_limit_records": ("chunk_limit_records", fluent_int),
         "total_limit_size": ("total_limit_size", fluent_size),
@@ -356,9 +372,10 @@ _BUFFER = Section(
         "retry_max_times": ("retry_max_times", fluent_int),
     },
     ignored={
-        "@type": "buffers are in memory; what a stop cannot deliver is handed off or written "
-        "to the secondary",
-        "path": "buffers are in memory (no buffer files)",
+        "path_suffix": "a file buffer names its own segment files",
+        "chunk_format": "a file buffer has its own format (framed lines with checksums)",
+        "file_permission": "",
+        "dir_permission": "",
         "flush_mode": "chunks are flushed at flush_interval, or when full",
         "flush_thread_interval": "flushes are scheduled by timers, not polled",
         "flush_thread_burst_interval": "flushes are scheduled by timers, not polled",
@@ -368,7 +385,7 @@ _BUFFER = Section(
         "retry_randomize": "retries are always randomized (full jitter)",
         "queued_chunks_limit_size": "total_limit_size bounds the queue",
         "chunk_full_threshold": "a chunk is flushed at chunk_limit_size",
-        "compress": "chunks are kept uncompressed in memory",
+        "compress": "chunks are kept uncompressed",
         "timekey": "chunks are not keyed by time here",
         "timekey_wait": "chunks are not keyed by time here",
     },
@@ -400,7 +417,7 @@ _INJECT = Section(
 _SYSTEM = Section(
     rules={"workers": ("workers", fluent_int), "log_level": ("log_level", _log_level)},
     ignored={
-        "root_dir": "there are no buffer files",
+        "root_dir": "a file buffer takes its directory from <buffer> path",
         "suppress_repeated_stacktrace": "warnings are throttled",
         "ignore_repeated_log_interval": "warnings are throttled",
         "ignore_same_log_interval": "warnings are throttled",
@@ -636,13 +653,27 @@ class Converter:
                 if child.arg not in ("", "tag"):
                     self._warn(child.where, f"<buffer {child.arg}>: chunk keys ignored; chunks "
                                "are per destination")  # fmt: skip
-                dest["buffer"] = self._params(child, _BUFFER, "<buffer>")
+                dest["buffer"] = self._buffer(child)
             elif child.name == "secondary":
                 dest["secondary"] = self._secondary(child, name)
             elif child.name == "inject":
                 dest["inject"] = self._inject(child)
             else:  # format
                 self._json_format(child)
+
+    def _buffer(self, d: Directive) -> dict[str, Any]:
+        buffer = self._params(d, _BUFFER, "<buffer>")
+        if buffer.get("type") != "file":
+            if "path" in buffer:
+                raise ConfigError(f"{d.params['path'].where}: <buffer>: path is for @type file")
+            return buffer  # in memory
+        if "path" not in buffer:
+            raise ConfigError(f"{d.where}: <buffer> @type file needs path (a directory of its "
+                              "own; <system> root_dir is not read)")  # fmt: skip
+        if "total_limit_size" not in buffer:
+            self._warn(d.where, "<buffer> @type file: total_limit_size not set: 256MiB of disk "
+                       "here (Fluentd's file buffer default is 64GB)")  # fmt: skip
+        return buffer
 
     def _json_format(self, d: Directive) -> None:
         kind = d.params.get("@type")

@@ -300,10 +300,11 @@ class BufferSettings(Strict):
         "event is written to a file under path before it is acknowledged, survives a worker "
         "crash or restart, and a Firehose outage longer than memory (Fluentd's @type file).",
     )
-    path: str | None = Field(
+    path: BlankIsUnset = Field(
         None,
         description="type = file: a directory of this destination's own (created if missing); "
-        "each worker writes in its own subdirectory w<index>, which it locks.",
+        "each worker writes in its own subdirectory w<index>, which it locks. Not read by a "
+        "memory buffer (so that one config can choose the type from the environment).",
     )
     fsync: Literal["periodic", "always", "off"] = Field(
         "periodic",
@@ -357,8 +358,6 @@ class BufferSettings(Strict):
             raise ValueError("total_limit_size must be at least chunk_limit_size")
         if self.type == "file" and not self.path:
             raise ValueError('type = "file" needs path (a directory)')
-        if self.type == "memory" and self.path is not None:
-            raise ValueError('path is for type = "file"; this buffer is in memory')
         return self
 
 
@@ -537,7 +536,7 @@ class Config(Strict):
         paths: dict[str, str] = {}
         for name, dest in self.destinations.items():
             path = dest.buffer.path
-            if path is None:
+            if path is None or dest.buffer.type != "file":
                 continue
             key = os.path.normpath(os.path.abspath(path))
             if key in paths:

@@ -269,6 +269,14 @@ def test_secondary_inject_and_file_outputs(tmp_path: Path) -> None:
             ":4: invalid size",
         ),
         ("<label mainstream>\n</label>", ":1: a label's name starts with @"),
+        (
+            "<match **>\n  @type null\n  <buffer>\n    @type file\n  </buffer>\n</match>",
+            ":3: <buffer> @type file needs path",
+        ),
+        (
+            "<match **>\n  @type null\n  <buffer>\n    @type redis\n  </buffer>\n</match>",
+            ":4: <buffer> @type redis is not supported",
+        ),
     ],
 )
 def test_what_cannot_be_converted_is_an_error_with_file_and_line(
@@ -339,3 +347,36 @@ def test_unnamed_outputs_get_unique_names_and_their_secondary_follows(tmp_path: 
     assert data["destinations"]["kinesis_firehose_1"]["secondary"] == "kinesis_firehose_1_secondary"
     assert [r["destination"] for r in data["routes"]] == [
         "kinesis_firehose_1", "null_2", "null_1", "null_3"]  # fmt: skip
+
+
+def test_a_fluentd_file_buffer_becomes_a_file_buffer(tmp_path: Path) -> None:
+    text = """<source>
+  @type forward
+</source>
+<match app.**>
+  @type kinesis_firehose
+  delivery_stream_name app
+  <buffer>
+    @type file
+    path /var/log/fluent/buffer/app
+    total_limit_size 8g
+    path_suffix .buf
+  </buffer>
+</match>
+<match other.**>
+  @type kinesis_firehose
+  delivery_stream_name other
+  <buffer>
+    @type file_single
+    path /var/log/fluent/other/*.buf
+  </buffer>
+</match>
+"""
+    data, warnings = convert(tmp_path, text)
+    config = parse(data, env={})
+    app, other = (config.destinations[f"kinesis_firehose_{n}"] for n in (1, 2))
+    assert (app.buffer.type, app.buffer.path) == ("file", "/var/log/fluent/buffer/app")
+    assert app.buffer.total_limit_size == 8 * 1024**3
+    assert (other.buffer.type, other.buffer.path) == ("file", "/var/log/fluent/other")
+    assert any(":11: <buffer>: path_suffix ignored" in w for w in warnings)
+    assert any(":17: <buffer> @type file: total_limit_size not set" in w for w in warnings)
