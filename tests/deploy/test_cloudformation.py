@@ -107,6 +107,8 @@ def test_the_stack_deploys_with_every_resource(moto_server: str) -> None:
     env = {e["name"]: e["value"] for e in container["environment"]}
     assert env["STOP_TIMEOUT"] == str(container["stopTimeout"]) == "120"
     assert env["HANDOFF_ADDRESS"] == outputs["FluentdAddress"]
+    # File buffers sized from the default 30 GiB of ephemeral storage, for 1 vCPU.
+    assert (env["BUFFER_TYPE"], env["BUFFER_TOTAL_LIMIT"]) == ("file", "10752MiB")
     assert container["healthCheck"]["command"] == ["CMD", "aggregator", "health"]
     labels = {k.lower(): v for k, v in container["dockerLabels"].items()}  # moto camelCases keys
     assert labels["ecs_prometheus_exporter_port"] == labels["prometheus_exporter_port"] == "8888"
@@ -122,9 +124,37 @@ def test_the_stack_deploys_with_every_resource(moto_server: str) -> None:
         "elasticsearch-delivery-stream", "s3-delivery-stream"]  # fmt: skip
 
 
+def container_env(moto_server: str, stack: dict[str, Any], cluster: str) -> dict[str, str]:
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
+    ecs = client(moto_server, "ecs")
+    service = ecs.describe_services(cluster=cluster, services=[outputs["ServiceName"]])
+    task = ecs.describe_task_definition(taskDefinition=service["services"][0]["taskDefinition"])
+    container = task["taskDefinition"]["containerDefinitions"][0]
+    return {e["name"]: e["value"] for e in container["environment"]}
+
+
+def test_the_file_buffers_are_sized_from_the_ephemeral_storage() -> None:
+    """Every BufferDisk entry is (storage - 2 GiB) x 3/4 over the workers (one per vCPU, at
+    least one) and the two streams, in MiB."""
+    template = yaml.load(TEMPLATE.read_text(), Loader=_CfnLoader)
+    storages = [int(v) for v in template["Parameters"]["EphemeralStorageGiB"]["AllowedValues"]]
+    cpus = [int(v) for v in template["Parameters"]["Cpu"]["AllowedValues"]]
+    table = template["Mappings"]["BufferDisk"]
+    assert sorted(map(int, table)) == sorted(storages)
+    for storage in storages:
+        for cpu in cpus:
+            workers = max(1, cpu // 1024)
+            mib = (storage * 1024 - 2048) * 3 // 4 // (workers * 2)
+            assert table[str(storage)][str(cpu)] == f"{mib}MiB", (storage, cpu)
+            assert mib * workers * 2 <= (storage - 2) * 1024
+
+
 def test_an_existing_cluster_is_used_when_named(moto_server: str) -> None:
     client(moto_server, "ecs").create_cluster(clusterName="apps")
-    stack = deploy(moto_server, "in-apps", ClusterName="apps", MinTasks="3", MaxTasks="6")
+    stack = deploy(moto_server, "in-apps", ClusterName="apps", MinTasks="3", MaxTasks="6",
+                   BufferType="memory", Cpu="2048", EphemeralStorageGiB="100")  # fmt: skip
+    env = container_env(moto_server, stack, "apps")
+    assert (env["BUFFER_TYPE"], env["BUFFER_TOTAL_LIMIT"]) == ("memory", "256MiB")
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
     assert outputs["ClusterName"] == "apps"
     ecs = client(moto_server, "ecs")
