@@ -664,9 +664,10 @@ class Converter:
     def _buffer(self, d: Directive) -> dict[str, Any]:
         buffer = self._params(d, _BUFFER, "<buffer>")
         if buffer.get("type") != "file":
-            if "path" in buffer:
-                raise ConfigError(f"{d.params['path'].where}: <buffer>: path is for @type file")
-            return buffer  # in memory
+            if buffer.pop("path", None) is not None:  # Fluentd too says it is not used
+                self._warn(d.params["path"].where, "<buffer>: path ignored: the buffer is in "
+                           "memory (@type file keeps it on disk)")  # fmt: skip
+            return buffer
         if "path" not in buffer:
             raise ConfigError(f"{d.where}: <buffer> @type file needs path (a directory of its "
                               "own; <system> root_dir is not read)")  # fmt: skip
