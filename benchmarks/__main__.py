@@ -12,8 +12,8 @@ from typing import Any
 
 from aggregator.config.units import parse_size
 from aggregator.emulator.__main__ import add_fault_arguments
-from benchmarks import abuse, connections, plot, redeploy, report, sizing
-from benchmarks.config import SUBJECTS, RunConfig
+from benchmarks import abuse, backlog, connections, plot, redeploy, report, sizing
+from benchmarks.config import BUFFERS, SUBJECTS, RunConfig
 from benchmarks.runner import run_benchmark
 from benchmarks.templates import MODES
 
@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--chunk-limit", default=defaults.chunk_limit)
     service.add_argument("--total-limit", default=defaults.total_limit)
     service.add_argument("--flush-threads", type=_positive_int, default=defaults.flush_threads)
+    service.add_argument(
+        "--buffer", choices=BUFFERS, default=defaults.buffer,
+        help="the destination's buffer type (%(default)s); file: in the run's temporary "
+        "directory",
+    )  # fmt: skip
     faults = run.add_argument_group("sink")
     faults.add_argument(
         "--stall-at",
@@ -109,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument(
         "--peer-bin", type=Path, metavar="PATH",
         help="the peer's executable (default: ../shared/peers/fluent-bit)",
+    )  # fmt: skip
+    peers.add_argument(
+        "--against-buffer", choices=BUFFERS, metavar="TYPE",
+        help="instead of a peer, the aggregator with this buffer type (e.g. --buffer file "
+        "--against-buffer memory: what the file buffer costs)",
     )  # fmt: skip
     peers.add_argument(
         "--pairs", type=_positive_int, default=1, metavar="N",
@@ -180,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     hostile.add_argument("--duration", type=float, default=30.0, help="seconds (%(default)s)")
     hostile.add_argument("--workers", type=_positive_int, default=1)
 
+    disk = commands.add_parser(
+        "backlog",
+        help="a file buffer's backlog through an outage, a restart and the replay",
+        description="One worker with a file buffer takes --events acked events while the sink "
+        "refuses every call, holds them through the outage, is stopped, and a new process "
+        "replays them. Reports RSS in each phase and the replay's speed; exit status 1 when an "
+        "event is missing or RSS passed the README's bound.",
+    )
+    disk.add_argument("--events", type=_positive_int, default=1_000_000)
+    _add_event_size(disk, 400)
+    disk.add_argument(
+        "--hold", type=float, default=30.0, help="seconds of outage with the backlog on disk"
+    )
+    disk.add_argument(
+        "--dir", type=Path, help="where the buffer goes (default: a temporary directory)"
+    )
+    disk.add_argument("--json", type=Path, metavar="PATH", help="also write the result here")
+
     size = commands.add_parser(
         "size",
         help="turn per-core figures into a Fargate task count",
@@ -217,6 +245,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         chunk_limit=args.chunk_limit,
         total_limit=args.total_limit,
         flush_threads=args.flush_threads,
+        buffer=args.buffer,
         stall_at=args.stall_at,
         stall_for=args.stall_for,
         fail_rate=args.fail_rate,
@@ -231,17 +260,19 @@ def _config(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def _side_by_side(config: RunConfig, peer: str, pairs: int) -> int:
-    """Both subjects under the same load, ``pairs`` times, in the order ABBA... so that a drift
-    of the machine's speed weighs on both alike; each pair printed, then the median ratio."""
+def _side_by_side(config: RunConfig, other: RunConfig, pairs: int) -> int:
+    """Both configurations under the same load, ``pairs`` times, in the order ABBA... so that a
+    drift of the machine's speed weighs on both alike; each pair printed, then the median
+    ratio."""
     results: list[tuple[dict[str, Any], dict[str, Any]]] = []
     status = 0
+    peer = other.subject if other.subject != "aggregator" else f"{other.buffer}-buffer"
     for n in range(pairs):
         ours_config, path = config, config.json_path
         if path is not None and pairs > 1:  # one result file per pair
             numbered = path.with_stem(f"{path.stem}-{n + 1}")
             ours_config = dataclasses.replace(config, json_path=numbered)
-        peer_config = dataclasses.replace(config, subject=peer, json_path=None)
+        peer_config = other
         if n % 2:
             theirs, ours = run_benchmark(peer_config), run_benchmark(ours_config)
         else:
@@ -279,7 +310,15 @@ def main(argv: list[str] | None = None) -> int:
             burst = connections.make_burst(parse_size(args.burst), args.event_size)
         elif args.command == "run":
             config = _config(args)
-            if args.pairs > 1 and args.peer is None:
+            other = None
+            if args.peer is not None and args.against_buffer is not None:
+                raise ValueError("--peer or --against-buffer: one thing to compare with")
+            if args.peer is not None:
+                other = dataclasses.replace(config, subject=args.peer, buffer="memory",
+                                            json_path=None)  # fmt: skip
+            elif args.against_buffer is not None:
+                other = dataclasses.replace(config, buffer=args.against_buffer, json_path=None)
+            if args.pairs > 1 and other is None:
                 raise ValueError("--pairs compares with a peer: give --peer too")
     except (ValueError, OSError) as exc:  # bad settings, or a results file that is not there
         parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
@@ -287,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "connections":
             print(connections.measure(args.connections, burst).render())
             return 0
+        if args.command == "backlog":
+            replayed = backlog.run(args.events, args.event_size, args.hold, args.dir, args.json)
+            print(replayed.render())
+            return replayed.exit_status
         if args.command == "abuse":
             outcome = abuse.run(args.frames, args.duration, args.workers)
             print(outcome.render())
@@ -298,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             print(result.render())
             return result.exit_status
-        if args.peer is None:
+        if other is None:
             return run_benchmark(config).exit_status
-        return _side_by_side(config, args.peer, args.pairs)
+        return _side_by_side(config, other, args.pairs)
     except KeyboardInterrupt:
         return 130
     except (RuntimeError, OSError) as exc:  # a part did not start, or the machine refused

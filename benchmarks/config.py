@@ -12,6 +12,7 @@ from aggregator.config.units import parse_duration, parse_size
 from benchmarks.templates import MODES, Mode, make_record
 
 SUBJECTS = ("aggregator", "fluent-bit")
+BUFFERS = ("memory", "file")
 """What a run can measure: this project, or a peer under the identical load (benchmarks/peer.py)."""
 DRAIN_GRACE = 30.0
 """Seconds, beyond one flush interval, that the runner waits for the last events to arrive."""
@@ -40,6 +41,8 @@ class RunConfig:
     chunk_limit: str = "1MiB"
     total_limit: str = "256MiB"
     flush_threads: int = 8
+    buffer: str = "memory"
+    """The aggregator's buffer type: memory, or file (in the run's temporary directory)."""
     stall_at: float | None = None
     """Seconds into the load at which the sink stops answering (with ``stall_for``)."""
     stall_for: float | None = None
@@ -70,8 +73,14 @@ class RunConfig:
             yield f"mode must be one of {', '.join(MODES)}"
         if self.subject not in SUBJECTS:
             yield f"subject must be one of {', '.join(SUBJECTS)}"
-        if self.subject != "aggregator" and (self.profile or self.aggregate):
-            yield "--profile and --aggregate are the aggregator's; a peer runs without them"
+        if self.buffer not in BUFFERS:
+            yield f"buffer must be one of {', '.join(BUFFERS)}"
+        if self.subject != "aggregator" and (
+            self.profile or self.aggregate or self.buffer != "memory"
+        ):
+            yield (
+                "--profile, --aggregate and --buffer are the aggregator's; a peer runs without them"
+            )
         for name in ("workers", "batch", "connections", "flush_threads", "sample_every"):
             if getattr(self, name) < 1:
                 yield f"{name} must be at least 1"

@@ -55,6 +55,15 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / MIB:,.0f} MiB"
 
 
+def label(config: dict[str, Any]) -> str:
+    """What was measured, in a few words: the peer, or the aggregator and its buffer."""
+    subject: str = config.get("subject", "aggregator")
+    buffer = config.get("buffer", "memory")
+    if subject == "aggregator" and buffer != "memory":
+        return f"{subject} ({buffer} buffer)"
+    return subject
+
+
 def describe(config: dict[str, Any]) -> str:
     """The run's shape in one line."""
     mode = config["mode"]
@@ -65,7 +74,7 @@ def describe(config: dict[str, Any]) -> str:
     if config.get("fleet"):
         mode += ", fleet: a write per message"
     parts = [
-        config.get("subject", "aggregator"),
+        label(config),
         mode,
         workers,
         f"{config['connections']} connections",
@@ -180,35 +189,36 @@ def table(result: dict[str, Any]) -> str:
 
 def pairs_summary(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
     """The CPU ratio of every pair of runs, and their median: the figure to quote."""
-    name = pairs[0][1]["config"]["subject"]
+    names = f"{label(pairs[0][0]['config'])} / {label(pairs[0][1]['config'])}"
     key = "seconds_per_million_events"
     # A run too short for one clock tick of CPU measures nothing: it has no ratio.
     ratios = [ours["cpu"][key] / peer["cpu"][key] for ours, peer in pairs if peer["cpu"][key]]
     if not ratios:
-        return f"{len(pairs)} pairs: {name} used no measurable CPU; no ratio"
+        return f"{len(pairs)} pairs ({names}): no measurable CPU; no ratio"
     each = ", ".join(f"{r:.2f}x" for r in ratios)
     return (
-        f"{len(pairs)} pairs, aggregator / {name} CPU-s per million events: {each}\n"
+        f"{len(pairs)} pairs, {names} CPU-s per million events: {each}\n"
         f"median {statistics.median(ratios):.2f}x (from {min(ratios):.2f}x to {max(ratios):.2f}x)"
     )
 
 
 def comparison(ours: dict[str, Any], peer: dict[str, Any]) -> str:
-    """The aggregator and a peer measured under the same load, side by side, with ratios."""
-    name = peer["config"]["subject"]
+    """Two runs under the same load (the aggregator and a peer, or two buffer types), side by
+    side, with ratios."""
+    names = f"{label(ours['config'])} / {label(peer['config'])}"
     rows = [
         ("CPU-s per million events", "seconds_per_million_events", "cpu", 1.0, "{:.2f}"),
         ("events/s per core", "per_core_events_per_s", "cpu", 1.0, "{:,.0f}"),
         ("peak RSS, MiB", "peak_rss_bytes_per_worker", "memory", 2**-20, "{:,.0f}"),
     ]
-    lines = [f"side by side: aggregator / {name} (same load, same sink, one run)", "-" * 78]
-    for label, key, group, scale, fmt in rows:
+    lines = [f"side by side: {names} (same load, same sink, one run)", "-" * 78]
+    for title, key, group, scale, fmt in rows:
         a, b = ours[group][key], peer[group][key]
         if isinstance(a, list):  # per worker: the largest
             a, b = max(a, default=0), max(b, default=0)
         if a is None or b is None:
             continue
         ratio = f"{a / b:.2f}x" if b else "-"
-        lines.append(f"{label:<26} {fmt.format(a * scale):>12}  {fmt.format(b * scale):>12}  "
+        lines.append(f"{title:<26} {fmt.format(a * scale):>12}  {fmt.format(b * scale):>12}  "
                      f"ratio {ratio}")  # fmt: skip
     return "\n".join(lines)

@@ -85,7 +85,7 @@ def start_subject(
     if config.subject == "fluent-bit":
         binary = config.peer_bin or DEFAULT_PEER_BIN
         return FluentBit.start(binary, sink_url, config.flush_interval_s, config.workers, workdir)
-    config_text = render_config(config, sink_url)
+    config_text = render_config(config, sink_url, workdir)
     return Service.start(config_text, config.workers, workdir, extra_env=extra_env)
 
 

@@ -59,14 +59,19 @@ endpoint_url = "{endpoint_url}"
 {settings}"""
 
 
-def render_config(config: RunConfig, endpoint_url: str) -> str:
-    """The aggregator's TOML for a run: every event to one Firehose stream at ``endpoint_url``."""
+def render_config(config: RunConfig, endpoint_url: str, workdir: Path | None = None) -> str:
+    """The aggregator's TOML for a run: every event to one Firehose stream at ``endpoint_url``
+    (a file buffer goes under ``workdir``)."""
+    on_disk = ""
+    if config.buffer == "file":
+        assert workdir is not None
+        on_disk = f'type = "file"\npath = "{workdir / "buffer"}"\n'
     settings = f"""\
 aggregate = {"true" if config.aggregate else "false"}
 request_timeout = "{request_timeout(config):g}s"
 
 [destinations.fh.buffer]
-flush_interval = "{config.flush_interval}"
+{on_disk}flush_interval = "{config.flush_interval}"
 chunk_limit_size = "{config.chunk_limit}"
 total_limit_size = "{config.total_limit}"
 flush_thread_count = {config.flush_threads}
