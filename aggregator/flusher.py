@@ -198,9 +198,7 @@ class Flusher:
         return kept
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         store = self.store
-        threads = self.settings.flush_thread_count
         next_upkeep = self._clock() + STATE_PUBLISH_INTERVAL
         while True:
             self._wakeup.clear()
@@ -217,35 +215,42 @@ class Flusher:
             expired = self._deadline is not None and now >= self._deadline
             if expired:
                 self._give_back_held()
-            while self._waiting and self._waiting[0][0] <= now:
-                self._due.append(heapq.heappop(self._waiting)[2])
-            while not expired and len(self._delivering) < threads:
-                if self._due:
-                    chunk: Chunk | None = self._due.popleft()
-                elif len(self._delivering) + len(self._waiting) < self._window:
-                    chunk = store.take()
-                else:
-                    break
-                if chunk is None:
-                    break
-                task = loop.create_task(self._deliver(chunk))
-                self._delivering[task] = chunk
-                task.add_done_callback(self._delivered)
+            else:
+                self._start_deliveries(now)
             self._publish_state()
             held = self._waiting or self._due or store.queued
             if self._closing and not self._delivering and (expired or not held):
                 return
-            timeout = min(self.settings.flush_interval, STATE_PUBLISH_INTERVAL)
+            wakes = [now + self.settings.flush_interval, now + STATE_PUBLISH_INTERVAL]
             if seal_due is not None:
-                timeout = min(timeout, seal_due - now)
+                wakes.append(seal_due)
             if self._waiting:
-                timeout = min(timeout, self._waiting[0][0] - now)
+                wakes.append(self._waiting[0][0])
             if self._deadline is not None and not expired:
-                timeout = min(timeout, self._deadline - now)
+                wakes.append(self._deadline)
             with contextlib.suppress(TimeoutError):
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
-                async with asyncio.timeout(max(0.0, timeout)):
+                async with asyncio.timeout(max(0.0, min(wakes) - now)):
                     await self._wakeup.wait()
+
+    def _start_deliveries(self, now: float) -> None:
+        """Fill the free delivery slots: chunks whose retry is due first, then new ones from
+        the store while fewer than the window are held."""
+        while self._waiting and self._waiting[0][0] <= now:
+            self._due.append(heapq.heappop(self._waiting)[2])
+        loop = asyncio.get_running_loop()
+        while len(self._delivering) < self.settings.flush_thread_count:
+            if self._due:
+                chunk: Chunk | None = self._due.popleft()
+            elif len(self._delivering) + len(self._waiting) < self._window:
+                chunk = self.store.take()
+            else:
+                return
+            if chunk is None:
+                return
+            task = loop.create_task(self._deliver(chunk))
+            self._delivering[task] = chunk
+            task.add_done_callback(self._delivered)
 
     def _give_back_held(self) -> None:
         """The stop deadline has come: every chunk not in an attempt goes back to the store,
