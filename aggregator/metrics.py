@@ -91,7 +91,9 @@ BUFFER_KEPT_BYTES = Counter(
     ["destination"], registry=REGISTRY,
 )  # fmt: skip
 BUFFER_CHUNKS = Gauge(
-    "aggregator_buffer_chunks", "Chunks queued or in flight.", ["destination"],
+    "aggregator_buffer_chunks",
+    "Chunks in a delivery attempt or waiting for their next one (at most 2 x "
+    "flush_thread_count; the rest wait in the store).", ["destination"],
     registry=REGISTRY, multiprocess_mode="livesum",
 )  # fmt: skip
 BUFFER_FILL_RATIO = Gauge(

@@ -31,6 +31,7 @@ class DockerLikeClient(threading.Thread):
         acks: bool = False,
         interval: float = 0.005,
         count: int | None = None,
+        pad: int = 0,
     ) -> None:
         super().__init__(daemon=True, name=name)
         self._ports = ports
@@ -38,6 +39,8 @@ class DockerLikeClient(threading.Thread):
         self.acks = acks
         self.interval = interval
         self.count = count
+        self.pad = "x" * pad
+        """Filler in each record, to make events of a given size."""
         self.sent: list[int] = []
         """Ids whose write (and ack, with acks) succeeded."""
         self.failed: list[int] = []
@@ -56,8 +59,8 @@ class DockerLikeClient(threading.Thread):
         i = 0
         while not self.stopping.is_set() and (self.count is None or i < self.count):
             chunk = new_chunk_id() if self.acks else None
-            message = encode_message("docker." + self.client, time.time(),
-                                     {"id": i, "client": self.client}, chunk=chunk)  # fmt: skip
+            record = {"id": i, "client": self.client, **({"pad": self.pad} if self.pad else {})}
+            message = encode_message("docker." + self.client, time.time(), record, chunk=chunk)
             if self._send(message, chunk):
                 self.sent.append(i)
             else:

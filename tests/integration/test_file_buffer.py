@@ -21,40 +21,21 @@ import orjson
 import pytest
 
 from aggregator.emulator import EmulatorThread
-from aggregator.protocol import encode_forward, encode_packed_forward, new_chunk_id
+from aggregator.protocol import encode_packed_forward, new_chunk_id
 from aggregator.stores.frames import SEGMENT_HEADER, decode
 from benchmarks.docker_client import DockerLikeClient
 from tests.integration.conftest import Aggregator, StartAggregator, free_port, wait_for
-from tests.integration.test_firehose import firehose_destination, routes
+from tests.integration.test_firehose import send_with_acks
+from tests.integration.test_stopping import instance_config
 
 
-def durable_config(endpoint: str, path: Path | None, *, workers: int = 1,
-                   stop_timeout: str = "10s", handoff: int | None = None,
-                   forward_port: int | str = "{forward_port}", **buffer: Any) -> str:  # fmt: skip
+def durable_config(endpoint: str, path: Path | None, **settings: Any) -> str:
     """Everything to one Firehose destination ``fh`` with a file buffer at ``path`` (None: in
-    memory), no secondary."""
-    handoff_line = f'handoff = "127.0.0.1:{handoff}"' if handoff else ""
+    memory), no secondary; ``settings``: instance_config's and the buffer's."""
     on_disk = {"type": "file", "path": str(path), "free_space_reserve": 0} if path else {}
-    settings = {**on_disk, "flush_interval": "100ms", **buffer}
-    return f"""
-[server]
-workers = {workers}
-drain_quiet_period = "100ms"
-drain_timeout = "1s"
-stop_timeout = "{stop_timeout}"
-{handoff_line}
-
-[[sources]]
-type = "forward"
-bind = "127.0.0.1"
-port = {forward_port}
-
-[[sources]]
-type = "http"
-bind = "127.0.0.1"
-port = {{http_port}}
-""" + routes(("**", "fh")) + firehose_destination("fh", endpoint, "logs", secondary=None,
-                                                    **settings)  # fmt: skip
+    return instance_config(endpoint, max_connection_age=None, secondary=None,
+                           **{"stop_timeout": "10s", "flush_interval": "100ms", **on_disk,
+                              **settings})  # fmt: skip
 
 
 def delivered(emulator: EmulatorThread) -> Counter[tuple[str, int]]:
@@ -127,22 +108,6 @@ def test_acked_events_survive_kill_9_of_each_worker_then_of_everything(
     assert not list(path.glob("w*/*.seg"))  # every segment delivered and deleted
 
 
-def send_acked(port: int, tag: str, ids: range, pad: int = 0, per_message: int = 50) -> None:
-    """Forward messages with ``chunk``, each acked before the next (fails on a missing ack)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        unpacker = msgpack.Unpacker(raw=False)
-        for start in range(ids.start, ids.stop, per_message):
-            entries = [[1700000000, {"id": i, "pad": "x" * pad}]
-                       for i in range(start, min(start + per_message, ids.stop))]  # fmt: skip
-            chunk = new_chunk_id()
-            sock.sendall(encode_forward(tag, entries, chunk=chunk))
-            while not (replies := list(unpacker)):
-                data = sock.recv(4096)
-                assert data, "closed before the ack"
-                unpacker.feed(data)
-            assert replies == [{"ack": chunk}]
-
-
 def ids_in_frames(data: bytes, start: int, end: int) -> set[int]:
     """The ids of the events in the frames that lie wholly inside ``[start, end)``."""
     out = decode(data, len(SEGMENT_HEADER), final=True)
@@ -160,7 +125,7 @@ def test_damaged_segments_cost_only_their_damaged_frames(
     config = durable_config(outage.endpoint_url, path, stop_timeout="3s",
                             chunk_limit_size="4KiB", total_limit_size="512KiB")  # fmt: skip
     agg = start_aggregator(config)
-    send_acked(agg.forward_port, "app", range(3000), per_message=20)
+    send_with_acks(agg.forward_port, "app", range(3000), per_message=20)
     assert agg.stop(timeout=20) == 0  # nothing dropped: kept on disk
     assert any("file buffers keep the rest on disk" in e["message"] for e in agg.logs())
     segments = sorted(path.glob("w0/*.seg"))
@@ -220,7 +185,7 @@ def test_a_stop_hands_a_file_buffer_off_and_keeps_nothing(
             outage.endpoint_url, path, stop_timeout="6s", handoff=peer_port,
             chunk_limit_size="16KiB", total_limit_size="4MiB",
         ))  # fmt: skip
-        send_acked(stopping.forward_port, "app", range(20_000), pad=100, per_message=200)
+        send_with_acks(stopping.forward_port, "app", range(20_000))
         assert len(list(path.glob("w0/*.seg"))) > 5
         assert stopping.stop(timeout=20) == 0
         assert wait_for(lambda: len(healthy.lines("logs")) >= 20_000, 20)
@@ -246,81 +211,34 @@ def small_disk(where: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-class AckedSender(threading.Thread):
-    """Sends forward messages of padded events with acks, as out_forward does: a message with
-    no ack in time is sent again on a new connection; records what was acknowledged."""
-
-    def __init__(self, port: int, name: str) -> None:
-        super().__init__(daemon=True, name=name)
-        self.port, self.client = port, name
-        self.acked: set[tuple[str, int]] = set()
-        self.resent = 0
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        i = 0
-        sock: socket.socket | None = None
-        while not self.stopping.is_set():
-            ids = range(i, i + 50)
-            entries = [[1700000000, {"id": n, "client": self.client, "pad": "x" * 400}]
-                       for n in ids]  # fmt: skip
-            chunk = new_chunk_id()
-            message = encode_forward("app", entries, chunk=chunk)
-            while not self.stopping.is_set():
-                try:
-                    sock = sock or socket.create_connection(("127.0.0.1", self.port), timeout=2)
-                    sock.sendall(message)
-                    self._wait_ack(sock, chunk)
-                    self.acked |= {(self.client, n) for n in ids}
-                    break
-                except OSError:
-                    if sock is not None:
-                        sock.close()
-                    sock, self.resent = None, self.resent + 1
-            i += 50
-        if sock is not None:
-            sock.close()
-
-    @staticmethod
-    def _wait_ack(sock: socket.socket, chunk: str) -> None:
-        unpacker = msgpack.Unpacker(raw=False)
-        while True:
-            data = sock.recv(4096)
-            if not data:
-                raise ConnectionResetError
-            unpacker.feed(data)
-            if any(reply.get("ack") == chunk for reply in unpacker):
-                return
-
-
 def test_a_full_disk_acks_only_what_was_written_and_loses_nothing_acked(
-    outage: EmulatorThread, start_aggregator: StartAggregator, tmp_path: Path
-) -> None:
+    outage: EmulatorThread, start_aggregator: StartAggregator, tmp_path: Path,
+    docker_clients: list[DockerLikeClient],
+) -> None:  # fmt: skip
     """A 4 MiB disk under a 64 MiB limit with no reserve: writes fail with ENOSPC. No crash,
-    no restart; what could not be written is not acknowledged; every acked event arrives once
-    Firehose is back."""
+    no restart; what could not be written is not acknowledged (the clients send it again);
+    every acked event arrives once Firehose is back."""
     with small_disk(tmp_path / "disk", "4m") as disk:
         agg: Aggregator = start_aggregator(durable_config(
             outage.endpoint_url, disk / "buffer", total_limit_size="64MiB",
             chunk_limit_size="64KiB",
         ))  # fmt: skip
-        senders = [AckedSender(agg.forward_port, f"s{i}") for i in range(3)]
-        for sender in senders:
-            sender.start()
-        try:
-            assert wait_for(lambda: agg.metric("aggregator_buffer_write_errors_total") > 0, 30)
-            time.sleep(3)  # a while longer at the limit
-            assert agg.proc.poll() is None
-            assert agg.metric("aggregator_worker_restarts_total") == 0
-            outage.configure(throttle_rate=0.0)
-            time.sleep(2)  # the backlog drains, the disk has room, acks flow again
-        finally:
-            for sender in senders:
-                sender.stopping.set()
-            for sender in senders:
-                sender.join(10)
-        acked = set().union(*(s.acked for s in senders))
-        assert sum(s.resent for s in senders) > 0  # the disk did refuse them for a while
+        docker_clients += [DockerLikeClient([agg.forward_port], f"d{i}", acks=True, interval=0,
+                                            pad=400) for i in range(3)]  # fmt: skip
+        for client in docker_clients:
+            client.start()
+        assert wait_for(lambda: agg.metric("aggregator_buffer_write_errors_total") > 0, 30)
+        time.sleep(3)  # a while longer at the limit
+        assert agg.proc.poll() is None
+        assert agg.metric("aggregator_worker_restarts_total") == 0
+        outage.configure(throttle_rate=0.0)
+        time.sleep(3)  # the backlog drains, the disk has room, acks flow again
+        for client in docker_clients:
+            client.stopping.set()
+        for client in docker_clients:
+            client.join(15)
+        acked = acked_events(docker_clients)
+        assert sum(c.reconnects for c in docker_clients) > 0  # unacknowledged, sent again
         assert wait_for(lambda: acked <= set(delivered(outage)), 30), (
             f"{len(acked - set(delivered(outage)))} acked events lost"
         )

@@ -31,8 +31,12 @@ STOPS = 20
 def instance_config(endpoint: str, forward_port: int | str = "{forward_port}",
                     http_port: int | str = "{http_port}", *, workers: int = 1,
                     stop_timeout: str = "20s", handoff: int | None = None,
+                    max_connection_age: str | None = "2s", secondary: str | None = "dead",
                     **buffer: Any) -> str:  # fmt: skip
+    """Everything to one Firehose destination ``fh`` at ``endpoint``, its ``buffer`` settings
+    given, with a file secondary ``dead`` unless ``secondary`` is None."""
     handoff_line = f'handoff = "127.0.0.1:{handoff}"' if handoff else ""
+    age_line = f'max_connection_age = "{max_connection_age}"' if max_connection_age else ""
     return f"""
 [server]
 workers = {workers}
@@ -45,13 +49,14 @@ stop_timeout = "{stop_timeout}"
 type = "forward"
 bind = "127.0.0.1"
 port = {forward_port}
-max_connection_age = "2s"
+{age_line}
 
 [[sources]]
 type = "http"
 bind = "127.0.0.1"
 port = {http_port}
-""" + routes(("**", "fh")) + firehose_destination("fh", endpoint, "logs", **buffer) + DEAD_LETTER
+""" + routes(("**", "fh")) + firehose_destination("fh", endpoint, "logs", secondary=secondary,
+                                                    **buffer) + (DEAD_LETTER if secondary else "")
 
 
 def ids_of(lines: list[bytes], client: str | None = None) -> Counter[int]:

@@ -148,24 +148,30 @@ def write_and_keep(tmp_path: Path, batches: int, worker: int = 0, workers: int =
     run(main)
 
 
+def replayed(tmp_path: Path) -> tuple[list[bytes], float]:
+    """A store started on what ``tmp_path`` holds, everything taken and finished: the lines,
+    and the events counted corrupt meanwhile."""
+    corrupt = counter("aggregator_buffer_corrupt_events_total")
+    out: list[bytes] = []
+
+    async def main() -> None:
+        store = await opened(tmp_path)
+        for chunk in drain(store):
+            out.extend(chunk.lines)
+            store.finish(chunk)
+        await store.close()
+
+    run(main)
+    return out, counter("aggregator_buffer_corrupt_events_total") - corrupt
+
+
 def test_a_flipped_byte_loses_its_frame_only_and_the_file_is_kept_aside(tmp_path: Path) -> None:
     write_and_keep(tmp_path, 2)  # one segment, two frames
     [path] = segments(tmp_path)
     data = bytearray(path.read_bytes())
     data[len(SEGMENT_HEADER) + 30] ^= 0xFF  # inside the first frame's lines
     path.write_bytes(bytes(data))
-    corrupt = counter("aggregator_buffer_corrupt_events_total")
-
-    async def main() -> None:
-        store = await opened(tmp_path)
-        chunks = drain(store)
-        assert [line for c in chunks for line in c.lines] == lines(5, 5)
-        assert counter("aggregator_buffer_corrupt_events_total") - corrupt == 5
-        for chunk in chunks:
-            store.finish(chunk)
-        await store.close()
-
-    run(main)
+    assert replayed(tmp_path) == (lines(5, 5), 5)
     assert segments(tmp_path) == []
     assert [p.name for p in (tmp_path / "w0").glob("*.damaged")] == [path.name + ".damaged"]
 
@@ -178,18 +184,7 @@ def test_a_torn_last_write_is_left_out_without_counting_it_corrupt(tmp_path: Pat
     path = closed.rename(closed.with_name("000000000001.seg"))
     with path.open("r+b") as f:
         f.truncate(path.stat().st_size - 7)
-    corrupt = counter("aggregator_buffer_corrupt_events_total")
-
-    async def main() -> None:
-        store = await opened(tmp_path)
-        chunks = drain(store)
-        assert [line for c in chunks for line in c.lines] == lines(5)
-        assert counter("aggregator_buffer_corrupt_events_total") == corrupt
-        for chunk in chunks:
-            store.finish(chunk)
-        await store.close()
-
-    run(main)
+    assert replayed(tmp_path) == (lines(5), 0)
     assert list((tmp_path / "w0").iterdir()) == [tmp_path / "w0" / "lock"]
 
 
@@ -199,16 +194,8 @@ def test_an_older_segment_cut_short_is_damage(tmp_path: Path) -> None:
     first = segments(tmp_path)[0]
     with first.open("r+b") as f:
         f.truncate(first.stat().st_size - 7)
-    corrupt = counter("aggregator_buffer_corrupt_events_total")
-
-    async def main() -> None:
-        store = await opened(tmp_path)
-        chunks = drain(store)
-        assert sorted(line for c in chunks for line in c.lines) == sorted(lines(5) * 2)
-        assert counter("aggregator_buffer_corrupt_events_total") - corrupt == 5  # one frame
-        await store.close()
-
-    run(main)
+    found, corrupt = replayed(tmp_path)
+    assert sorted(found) == sorted(lines(5) * 2) and corrupt == 5  # its last frame
 
 
 def test_a_closed_segment_cut_between_two_frames_is_damage_too(tmp_path: Path) -> None:
@@ -218,15 +205,7 @@ def test_a_closed_segment_cut_between_two_frames_is_damage_too(tmp_path: Path) -
     data = path.read_bytes()
     first_frame_end = decode(data, len(SEGMENT_HEADER), final=True).frames[0].end
     path.write_bytes(data[:first_frame_end])
-    corrupt = counter("aggregator_buffer_corrupt_events_total")
-
-    async def main() -> None:
-        store = await opened(tmp_path)
-        assert [line for c in drain(store) for line in c.lines] == lines(5)
-        assert counter("aggregator_buffer_corrupt_events_total") - corrupt == 5
-        await store.close()
-
-    run(main)
+    assert replayed(tmp_path) == (lines(5), 5)
 
 
 def test_a_file_that_is_not_a_segment_does_not_stop_the_start(tmp_path: Path) -> None:
@@ -234,13 +213,7 @@ def test_a_file_that_is_not_a_segment_does_not_stop_the_start(tmp_path: Path) ->
     bogus = tmp_path / "w0" / "000000000000.seg"
     bogus.write_bytes(b"not a segment\n" * 3)
     (tmp_path / "w0" / "000000000099.seg").mkdir()  # not even a file
-
-    async def main() -> None:
-        store = await opened(tmp_path)
-        assert [line for c in drain(store) for line in c.lines] == lines(5)
-        await store.close()
-
-    run(main)
+    assert replayed(tmp_path) == (lines(5), 3)
     assert (tmp_path / "w0" / "000000000000.seg.damaged").exists()
 
 
