@@ -7,10 +7,10 @@ delivery slot, then are retried alone; lines the sink rejects, and lines still u
 the retry limits run out, go to the secondary destination when there is one, otherwise they are
 dropped and counted with their reason.
 
-The flusher holds at most ``WINDOW_PER_THREAD x flush_thread_count`` chunks at once (in an
-attempt or waiting for a retry); the rest wait in the store, in order. So during an outage a
-buffer tries its oldest chunks again and again, not every chunk it holds, and a file buffer
-reads back only what it is about to send.
+The flusher holds at most ``WINDOW_PER_THREAD x flush_thread_count`` chunks' worth of lines at
+once (in an attempt or waiting for a retry); the rest wait in the store, in order. So during an
+outage a buffer tries its oldest chunks again and again, not every chunk it holds, and a file
+buffer reads back only what it is about to send.
 
 At the stop deadline, what is held goes back to the store; the pipeline may then hand it off,
 and :meth:`Flusher.release` gives what is still left to the secondary (or drops it, counted),
@@ -45,7 +45,9 @@ from aggregator.stores import Chunk, ChunkStore
 log = logging.getLogger(__name__)
 
 WINDOW_PER_THREAD = 2
-"""Chunks held at once (in an attempt or waiting for a retry) per flush thread."""
+"""Chunks' worth of lines held at once (in an attempt or waiting for a retry) per flush
+thread: a chunk counts for what is left to deliver of it, so that chunks waiting to resend a
+few refused records (a partial failure) do not hold back the new ones as whole chunks would."""
 
 RETRY_WARNING_INTERVAL = 5.0
 """Seconds between two "will retry" log lines of one destination (every retry is counted in
@@ -80,7 +82,8 @@ class Flusher:
         self.secondary = secondary
         self._clock = clock
         self._policy = RetryPolicy(settings, rng)
-        self._window = WINDOW_PER_THREAD * settings.flush_thread_count
+        self._window = WINDOW_PER_THREAD * settings.flush_thread_count * settings.chunk_limit_size
+        self._held_bytes = 0  # left to deliver of the chunks held
 
         # Chunks waiting for their next attempt, by time: they hold memory, not a slot.
         self._waiting: list[tuple[float, int, Chunk]] = []
@@ -117,13 +120,13 @@ class Flusher:
 
     # --- state ------------------------------------------------------------------------------
 
-    def _held(self) -> list[Chunk]:
+    def _held_chunks(self) -> list[Chunk]:
         return [*self._due, *(c for _, _, c in self._waiting), *self._delivering.values()]
 
     @property
     def volatile_events(self) -> int:
         """Events held that the worker's death would lose (for a forced stop's count)."""
-        held = 0 if self.store.durable else sum(len(c.undelivered) for c in self._held())
+        held = 0 if self.store.durable else sum(len(c.undelivered) for c in self._held_chunks())
         return held + self.store.volatile_events
 
     # --- the input side ---------------------------------------------------------------------
@@ -242,8 +245,10 @@ class Flusher:
         while len(self._delivering) < self.settings.flush_thread_count:
             if self._due:
                 chunk: Chunk | None = self._due.popleft()
-            elif len(self._delivering) + len(self._waiting) < self._window:
+            elif self._held_bytes < self._window:
                 chunk = self.store.take()
+                if chunk is not None:
+                    self._hold(chunk, chunk.nbytes)
             else:
                 return
             if chunk is None:
@@ -259,6 +264,7 @@ class Flusher:
         self._due.clear()
         self._waiting.clear()
         for chunk in sorted(held, key=lambda c: c.created, reverse=True):
+            self._hold(chunk, 0)
             self.store.requeue(chunk)
 
     def _publish_state(self) -> None:
@@ -284,6 +290,7 @@ class Flusher:
         decision = self._policy.after_failure(chunk.retry, now, self._deadline)
         if isinstance(decision, GiveUp):
             if decision.reason == SHUTDOWN_DEADLINE:
+                self._hold(chunk, 0)
                 self.store.requeue(chunk)  # for the hand-off, or the next start
                 return
             log.error(
@@ -308,9 +315,17 @@ class Flusher:
                     "retries_since_last_line": retries,
                 },
             )
+        if len(pending) != len(chunk.lines):
+            self._hold(chunk, sum(map(len, pending)))
         heapq.heappush(self._waiting, (now + decision.delay, next(self._order), chunk))
 
+    def _hold(self, chunk: Chunk, nbytes: int) -> None:
+        """Count ``chunk`` for ``nbytes`` in the window from now on (0: it is let go)."""
+        self._held_bytes += nbytes - chunk.held
+        chunk.held = nbytes
+
     def _finish(self, chunk: Chunk) -> None:
+        self._hold(chunk, 0)
         self.store.finish(chunk)
         self._check_room()
 

@@ -363,6 +363,28 @@ def test_an_outage_holds_a_window_of_chunks_not_every_chunk(store: str) -> None:
     run(main)
 
 
+def test_chunks_waiting_to_resend_a_few_records_do_not_hold_back_the_new_ones(
+    store: str,
+) -> None:
+    """A chunk counts in the window for what is left of it: with Firehose refusing a record in
+    ten, every chunk gets its first attempt at once, not just the first two."""
+
+    async def main() -> None:
+        def script(attempt: int, batch: list[bytes]) -> WriteResult | None:
+            return WriteResult(retry=batch[:1]) if len(batch) == 10 else None
+
+        sink = ScriptedSink(script)
+        s = settings(store, flush_thread_count=1, chunk_limit_size=100, retry_wait=30,
+                     retry_max_interval=30)  # fmt: skip
+        buf = await started("t", s, sink, rng=LongestWait())
+        for i in range(0, 100, 10):
+            append(buf, lines(10, i), 100)  # 10 chunks; the window is 2 chunks' worth
+        await settle(buf, sink, 90, timeout=2)
+        assert sink.attempts == 10 and len(sink.delivered) == 90
+
+    run(main)
+
+
 def test_the_stop_cuts_a_long_retry_wait_short(store: str) -> None:
     async def main() -> None:
         def script(attempt: int, batch: list[bytes]) -> WriteResult | None:

@@ -33,6 +33,8 @@ class Chunk:
     pending: list[bytes] | None = None
     """Lines still to deliver after an attempt that delivered some (None: all of them)."""
     retry: RetryState = field(default_factory=RetryState)
+    held: int = 0
+    """Bytes the flusher counts it for while it holds it (what is left to deliver)."""
     place: Any = None
     """Where a file store keeps it on disk (its own business)."""
 
