@@ -126,7 +126,7 @@ class Flusher:
     @property
     def volatile_events(self) -> int:
         """Events held that the worker's death would lose (for a forced stop's count)."""
-        held = 0 if self.store.durable else sum(len(c.undelivered) for c in self._held_chunks())
+        held = 0 if self.store.durable else sum(len(c.lines) for c in self._held_chunks())
         return held + self.store.volatile_events
 
     # --- the input side ---------------------------------------------------------------------
@@ -190,8 +190,8 @@ class Flusher:
         if not self.store.durable:
             left = 0
             while (chunk := self.store.take()) is not None:
-                left += len(chunk.undelivered)
-                self.hand_on(chunk.undelivered, SHUTDOWN_DEADLINE)
+                left += len(chunk.lines)
+                self.hand_on(chunk.lines, SHUTDOWN_DEADLINE)
                 self.store.finish(chunk)
             if left:
                 log.error("events not delivered before the stop deadline",
@@ -285,7 +285,7 @@ class Flusher:
         if not pending:
             self._finish(chunk)
             return
-        chunk.pending = pending
+        chunk.keep(pending)
         now = self._clock()
         decision = self._policy.after_failure(chunk.retry, now, self._deadline)
         if isinstance(decision, GiveUp):
@@ -315,8 +315,7 @@ class Flusher:
                     "retries_since_last_line": retries,
                 },
             )
-        if len(pending) != len(chunk.lines):
-            self._hold(chunk, sum(map(len, pending)))
+        self._hold(chunk, chunk.nbytes)
         heapq.heappush(self._waiting, (now + decision.delay, next(self._order), chunk))
 
     def _hold(self, chunk: Chunk, nbytes: int) -> None:
@@ -332,7 +331,7 @@ class Flusher:
     async def _attempt(self, chunk: Chunk) -> tuple[str, str, list[bytes]]:
         """One sink write of what is left of ``chunk``: the failure reason, its detail for the
         log, and the lines to retry (none: all done)."""
-        lines = chunk.undelivered
+        lines = chunk.lines
         started = self._clock()
         timeout = None if self._deadline is None else max(0.0, self._deadline - started)
         try:
@@ -353,8 +352,7 @@ class Flusher:
             self._m_out_events.inc(delivered)
             if not failed:
                 # A whole chunk's size is known: no pass over lines long out of the CPU's cache.
-                nbytes = chunk.nbytes if chunk.pending is None else sum(map(len, lines))
-                self._m_out_bytes.inc(nbytes)
+                self._m_out_bytes.inc(chunk.nbytes)
             self.last_success = time.time()
             self._m_last_success.set(self.last_success)
         for reason, rejected in result.rejected.items():

@@ -67,7 +67,7 @@ class _HandedChunk:
     def finish_if_done(self) -> None:
         if self.all_sent and not self.finished:
             acked = sum(len(piece) for piece, parcel in self.pieces if parcel.acked)
-            if acked == len(self.chunk.undelivered):
+            if acked == len(self.chunk.lines):
                 self.finished = True
                 self.unfinished.discard(self)
                 self.dest.flusher.store.finish(self.chunk)
@@ -185,7 +185,7 @@ class Pipeline:
             acked = {id(line) for piece, parcel in handed.pieces if parcel.acked
                      for line in piece}  # fmt: skip
             chunk = handed.chunk
-            chunk.pending = [line for line in chunk.undelivered if id(line) not in acked]
+            chunk.keep([line for line in chunk.lines if id(line) not in acked])
             handed.dest.flusher.store.requeue(chunk)
 
     def _parcels(
@@ -196,7 +196,7 @@ class Pipeline:
             while (chunk := store.take()) is not None:
                 handed = _HandedChunk(dest, chunk, unfinished)
                 unfinished.add(handed)
-                for tag, lines in tagged(chunk, chunk.undelivered):
+                for tag, lines in tagged(chunk, chunk.lines):
                     for i in range(0, len(lines), MESSAGE_EVENTS):
                         piece = lines[i : i + MESSAGE_EVENTS]
                         entries = [dest.formatter.entry_of(line) for line in piece]

@@ -423,7 +423,7 @@ def test_at_the_deadline_what_is_held_goes_back_to_the_store_by_tag(store: str) 
         await buf.close(time.monotonic() + 0.3)
         left = []
         while (chunk := buf.store.take()) is not None:
-            left += tagged(chunk, chunk.undelivered)
+            left += tagged(chunk, chunk.lines)
             buf.store.finish(chunk)
         assert left and all(line not in sink.delivered for _, batch in left for line in batch)
         for tag, batch in left:

@@ -30,17 +30,20 @@ class Chunk:
     created: float
     tags: list[tuple[str, int]]
     """``(tag, count)`` runs over ``lines``: a line's tag, kept for a hand-off at stop."""
-    pending: list[bytes] | None = None
-    """Lines still to deliver after an attempt that delivered some (None: all of them)."""
     retry: RetryState = field(default_factory=RetryState)
     held: int = 0
-    """Bytes the flusher counts it for while it holds it (what is left to deliver)."""
+    """Bytes the flusher counts it for while it holds it."""
     place: Any = None
-    """Where a file store keeps it on disk (its own business)."""
+    """The store's own business (where a file store has it on disk)."""
 
-    @property
-    def undelivered(self) -> list[bytes]:
-        return self.lines if self.pending is None else self.pending
+    def keep(self, lines: list[bytes]) -> None:
+        """Only ``lines`` (some of this chunk's, in order) are left to deliver: the others go,
+        and the memory they held with them."""
+        if len(lines) == len(self.lines):
+            return
+        self.tags = [(tag, len(run)) for tag, run in tagged(self, lines)]
+        self.lines = lines
+        self.nbytes = sum(map(len, lines))
 
 
 def tagged(chunk: Chunk, lines: list[bytes]) -> list[Tagged]:

@@ -486,7 +486,7 @@ class FileStore:
         if chunk is None:
             return None
         self.finish(chunk)
-        return len(chunk.undelivered)
+        return len(chunk.lines)
 
     def _unref(self, segment: Segment) -> None:
         segment.live -= 1

@@ -83,6 +83,7 @@ class MemoryStore:
         if chunk is None:
             return
         self._open = None
+        chunk.place = memory_of(chunk)  # what finish() gives back, whatever is left of it then
         self._ready.append(chunk)
         self.on_sealed()
 
@@ -103,7 +104,8 @@ class MemoryStore:
         self._ready.appendleft(chunk)
 
     def finish(self, chunk: Chunk) -> None:
-        self._bytes -= memory_of(chunk)
+        counted: int = chunk.place
+        self._bytes -= counted
 
     def drop_oldest(self) -> int | None:
         if not self._ready:
@@ -112,7 +114,7 @@ class MemoryStore:
             return None
         chunk = self._ready.popleft()
         self.finish(chunk)
-        return len(chunk.undelivered)
+        return len(chunk.lines)
 
     @property
     def queued(self) -> bool:
@@ -123,7 +125,7 @@ class MemoryStore:
         chunks = list(self._ready)
         if self._open is not None:
             chunks.append(self._open)
-        return sum(len(c.undelivered) for c in chunks)
+        return sum(len(c.lines) for c in chunks)
 
     def refresh(self) -> None:
         pass
