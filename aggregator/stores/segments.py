@@ -71,8 +71,9 @@ def lock_directory(directory: Path) -> int:
             f"file buffer directory {directory} is in use by another process (pid {holder}): "
             "two processes never share one; give each its own path"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # who holds it, for the message: not on a full disk
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 

@@ -216,36 +216,38 @@ def test_a_full_disk_acks_only_what_was_written_and_loses_nothing_acked(
     docker_clients: list[DockerLikeClient],
 ) -> None:  # fmt: skip
     """A 4 MiB disk under a 64 MiB limit with no reserve: writes fail with ENOSPC. No crash,
-    no restart; what could not be written is not acknowledged (the clients send it again);
-    every acked event arrives once Firehose is back."""
+    no restart; what could not be written is not acknowledged (the clients send it again).
+    Killed there and started again on the full disk, it starts, and every acked event arrives
+    once Firehose is back."""
     with small_disk(tmp_path / "disk", "4m") as disk:
-        agg: Aggregator = start_aggregator(durable_config(
-            outage.endpoint_url, disk / "buffer", total_limit_size="64MiB",
-            chunk_limit_size="64KiB",
-        ))  # fmt: skip
+        config = durable_config(outage.endpoint_url, disk / "buffer", total_limit_size="64MiB",
+                                chunk_limit_size="64KiB")  # fmt: skip
+        agg: Aggregator = start_aggregator(config, own_process_group=True)
         docker_clients += [DockerLikeClient([agg.forward_port], f"d{i}", acks=True, interval=0,
                                             pad=400) for i in range(3)]  # fmt: skip
         for client in docker_clients:
             client.start()
         assert wait_for(lambda: agg.metric("aggregator_buffer_write_errors_total") > 0, 30)
-        time.sleep(3)  # a while longer at the limit
+        # Unacknowledged, the clients send again (after their 5 s wait for the ack).
+        assert wait_for(lambda: sum(c.reconnects for c in docker_clients) > 0, 15)
         assert agg.proc.poll() is None
         assert agg.metric("aggregator_worker_restarts_total") == 0
-        outage.configure(throttle_rate=0.0)
-        time.sleep(3)  # the backlog drains, the disk has room, acks flow again
+        dropped = agg.metric("aggregator_dropped_events_total", reason="write_error")
+        assert dropped > 0
+        os.killpg(agg.proc.pid, signal.SIGKILL)
+        agg.proc.wait(10)
         for client in docker_clients:
             client.stopping.set()
-        for client in docker_clients:
-            client.join(15)
         acked = acked_events(docker_clients)
-        assert sum(c.reconnects for c in docker_clients) > 0  # unacknowledged, sent again
+
+        again = start_aggregator(config)  # on a full disk
+        assert again.health()[0] == 200
+        outage.configure(throttle_rate=0.0)
         assert wait_for(lambda: acked <= set(delivered(outage)), 30), (
             f"{len(acked - set(delivered(outage)))} acked events lost"
         )
-        dropped = agg.metric("aggregator_dropped_events_total", reason="write_error")
         print(f"acked {len(acked)}, refused at write {dropped:.0f}")
-        assert dropped > 0
-        assert agg.stop() == 0
+        assert again.stop() == 0
 
 
 OUTAGE_SECONDS = 120.0
