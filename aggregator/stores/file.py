@@ -292,8 +292,9 @@ class FileStore:
         return head, fd
 
     def _write_failed(self, exc: OSError, events: int) -> None:
-        """Nothing of the frame may stay in the file: cut it back; if even that fails, leave
-        this segment (what follows the cut is read as a torn end, not as events)."""
+        """Nothing of the frame may stay in the file: cut it back. If even that fails, this
+        segment is closed where its last good frame ends; what follows is counted as damage
+        when it is read back (an I/O error, not a full disk)."""
         head, fd = self._head, self._fd
         if head is not None and fd is not None:
             try:
