@@ -47,6 +47,21 @@ OPEN_CONNECTIONS = Gauge(
     "aggregator_open_connections", "Open client connections, by source.", ["source"],
     registry=REGISTRY, multiprocess_mode="livesum",
 )  # fmt: skip
+LIMITED_EVENTS = Counter(
+    "aggregator_limited_events",
+    "Events a tenant's limits refused (rate_limited, buffer_share, tag_too_long, "
+    "event_too_large: not taken; the client sends again if it uses acks) or cut "
+    "(event_truncated), by source, tenant (named in [limits.overrides], else other) and reason.",
+    ["source", "tenant", "reason"],
+    registry=REGISTRY,
+)
+TENANT_BYTES = Counter(
+    "aggregator_tenant_bytes",
+    "Bytes of events (as delivered) taken into buffers, by tenant (named in "
+    "[limits.overrides], else other).",
+    ["tenant"],
+    registry=REGISTRY,
+)
 UNMATCHED_EVENTS = Counter(
     "aggregator_unmatched_events", "Events whose tag matched no route.", registry=REGISTRY
 )

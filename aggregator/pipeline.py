@@ -1,7 +1,10 @@
 """The data path of one worker, from a decoded message to its destination's buffer.
 
 Sources call :meth:`Pipeline.dispatch` once per message (one tag, many entries): the tag picks
-the route, the route's destination formats the entries and appends them to its buffer.
+the route and names the tenant (remembered per tag: a :class:`Ticket`), admission says whether
+the events may go in now (:mod:`aggregator.admission`), and the route's destination formats the
+entries and appends them to its buffer. An answer to wait is followed by :meth:`Pipeline.offer`,
+the one "wait, then offer again" of every source.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from functools import partial
 from typing import Any
 
 from aggregator import metrics
+from aggregator.admission import Admission, Refused, Sender, Shares, Tenant, Wait
 from aggregator.config.model import Config
-from aggregator.flusher import Admission, Flusher
+from aggregator.flusher import Flusher
 from aggregator.formatting import Formatter, InvalidEvent
 from aggregator.handoff import MESSAGE_EVENTS, Parcel, hand_off
 from aggregator.logs import Throttle
-from aggregator.routing import Router
+from aggregator.routing import Router, TagCache
 from aggregator.sinks import build_sink
 from aggregator.stopping import StopPlan
 from aggregator.stores import Chunk, Commit, build_store, tagged
@@ -36,8 +40,13 @@ INVALID_WARNING_INTERVAL = 10.0
 class Outcome(enum.Enum):
     ACCEPTED = "accepted"  # in a buffer: safe to acknowledge (a Commit instead: once written)
     UNMATCHED = "unmatched"  # no route: counted and warned about, acknowledged as Fluentd does
-    BLOCKED = "blocked"  # no room and overflow_action = block: wait_for_room(), then again
-    REJECTED = "rejected"  # no room and overflow_action = throw_exception: do not acknowledge
+
+
+Answer = Outcome | Commit | Wait | Refused
+"""What dispatch says of a message: accepted (now, or once a Commit settles), unmatched, wait
+(then offer it again), or refused (do not acknowledge; the reason is counted)."""
+
+TAG_TOO_LONG = Refused("tag_too_long")
 
 
 @dataclass(slots=True)
@@ -45,6 +54,15 @@ class Destination:
     name: str
     formatter: Formatter
     flusher: Flusher
+    shares: Shares
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """Where one tag's events go, and whose they are."""
+
+    dest: Destination
+    tenant: Tenant
 
 
 @dataclass(slots=True, eq=False)
@@ -76,6 +94,7 @@ class _HandedChunk:
 class Pipeline:
     def __init__(self, config: Config, worker: int = 0, workers: int = 1) -> None:
         self.config = config
+        self.admission = Admission(config.limits, workers)
         self.destinations: dict[str, Destination] = {}
         # Secondaries first, so that a primary's buffer can hand over to a built one.
         order = sorted(config.destinations.items(), key=lambda kv: kv[1].secondary is not None)
@@ -86,13 +105,15 @@ class Pipeline:
             store = build_store(name, settings.buffer, worker, workers)
             sink = build_sink(name, settings, worker)
             flusher = Flusher(name, settings.buffer, store, sink, secondary)
-            self.destinations[name] = Destination(name, Formatter(settings.inject), flusher)
+            shares = Shares(flusher, self.admission.tenants)
+            self.destinations[name] = Destination(name, Formatter(settings.inject), flusher,
+                                                  shares)  # fmt: skip
         # One router per label (Fluentd's <label>): a source sees only its label's routes.
-        self._routers: dict[str | None, Router[Destination]] = {
-            label: Router([(route.match, self.destinations[route.destination])
-                           for route in config.routes if route.label == label])
-            for label in {None, *(route.label for route in config.routes)}
-        }  # fmt: skip
+        self._tickets: dict[str | None, TagCache[Ticket | Refused | None]] = {}
+        for label in {None, *(route.label for route in config.routes)}:
+            router = Router([(route.match, self.destinations[route.destination])
+                             for route in config.routes if route.label == label])  # fmt: skip
+            self._tickets[label] = TagCache(partial(self._ticket, router))
         self._unmatched_warning = Throttle(UNMATCHED_WARNING_INTERVAL)
         self._invalid_warning = Throttle(INVALID_WARNING_INTERVAL)
 
@@ -102,42 +123,81 @@ class Pipeline:
             await dest.flusher.sink.start()
             dest.flusher.start()
 
+    def _ticket(self, router: Router[Destination], tag: str) -> Ticket | Refused | None:
+        tenants = self.admission.tenants
+        if len(tag) > tenants.tag_length_limit:
+            return TAG_TOO_LONG  # before naming a tenant from it: it may be a megabyte
+        tenant = tenants.of(tag)
+        if len(tag) > tenant.tag_length_limit:
+            return TAG_TOO_LONG
+        dest = router.route(tag)
+        return None if dest is None else Ticket(dest, tenant)
+
     def route(self, tag: str, label: str | None = None) -> Destination | None:
         """Where ``tag`` goes from a source with ``label``: the first matching route's."""
-        return self._routers[label].route(tag)
+        ticket = self._tickets[label](tag)
+        return ticket.dest if isinstance(ticket, Ticket) else None
 
     def dispatch(
         self, tag: str, entries: Sequence[Any], source: str, *, label: str | None = None,
-        strict: bool = False,
-    ) -> Outcome | Commit:  # fmt: skip
+        strict: bool = False, sender: Sender | None = None, acks: bool = False,
+    ) -> Answer:  # fmt: skip
         """Route and buffer one message from ``source`` (whose routes are ``label``'s). An entry
         that cannot be encoded is left out, counted and warned about, and the rest is buffered;
         with ``strict``, it raises formatting.InvalidEvent instead, and nothing of the message
-        is buffered. A :class:`Commit`: accepted, and safe once it settles (a file buffer)."""
-        dest = self._routers[label].route(tag)  # route(), inlined: once per read
-        if dest is None:
+        is buffered. ``sender``: the connection, which a tenant's limits may make wait when it
+        carries that tenant alone and no ``acks`` are asked (else they refuse)."""
+        ticket = self._tickets[label](tag)  # route(), inlined: once per read
+        if ticket is None:
             self._unmatched(tag, len(entries))
             return Outcome.UNMATCHED
-        flusher = dest.flusher
-        admission = flusher.admit()
-        if admission is Admission.BLOCKED:
-            return Outcome.BLOCKED
-        if admission is Admission.REJECTED:
-            metrics.DROPPED_EVENTS.labels(dest.name, "buffer_full").inc(len(entries))
-            return Outcome.REJECTED
+        if type(ticket) is Refused:
+            self.admission.refused(None, source, ticket.reason, len(entries))
+            return ticket
+        assert type(ticket) is Ticket
+        tenant, dest = ticket.tenant, ticket.dest
+        can_wait = False
+        if sender is not None:
+            sender.carries(tenant)
+            can_wait = not acks and not sender.mixed
+        verdict = self.admission.check(tenant, dest.flusher, dest.shares, can_wait=can_wait)
+        if verdict is not None:
+            if type(verdict) is Refused:
+                self._refused(dest, tenant, source, verdict.reason, len(entries))
+            return verdict
         encoded = dest.formatter.encode(tag, entries, strict=strict)
         if encoded.invalid:
             self._invalid(source, tag, encoded.invalid, encoded.error)
-        if encoded.lines:
-            commit = flusher.store.append(tag, encoded.lines, encoded.nbytes)
+        lines, nbytes = encoded.lines, encoded.nbytes
+        if lines and tenant.limits.max_event_size is not None:
+            lines, nbytes = self.admission.fit(tenant, source, lines, nbytes)
+        if lines:
+            self.admission.charge(tenant, dest.shares, nbytes)
+            commit = dest.flusher.store.append(tag, lines, nbytes)
             if commit is not None:
+                if tenant.limits.buffer_share is not None:  # not written: not held
+                    commit.then(partial(_uncharge, dest.shares, tenant, nbytes))
                 return commit
         return Outcome.ACCEPTED
 
-    async def wait_for_room(self, tag: str, label: str | None = None) -> None:
-        dest = self.route(tag, label)
-        if dest is not None:
-            await dest.flusher.wait_for_room()
+    async def offer(
+        self, wait: Wait, tag: str, entries: Sequence[Any], source: str, **options: Any
+    ) -> Outcome | Commit | Refused:
+        """After ``wait``: wait, then offer the same message again, until the answer is not to
+        wait (``options``: dispatch's)."""
+        answer: Answer = wait
+        while isinstance(answer, Wait):
+            await answer.ready()
+            answer = self.dispatch(tag, entries, source, **options)
+        return answer
+
+    def _refused(
+        self, dest: Destination, tenant: Tenant, source: str, reason: str, events: int
+    ) -> None:
+        if reason == "buffer_full":  # the buffer's own limit (throw_exception), as before
+            metrics.DROPPED_EVENTS.labels(dest.name, reason).inc(events)
+        else:
+            self.admission.refused(tenant, source, reason, events)
 
     def flush_all(self) -> None:
         for dest in self.destinations.values():
@@ -218,3 +278,8 @@ class Pipeline:
         metrics.UNMATCHED_EVENTS.inc(events)
         if due := self._unmatched_warning.hit(events):
             log.warning("no route matches tag; events discarded", extra={"tag": tag, "events": due})
+
+
+def _uncharge(shares: Shares, tenant: Tenant, nbytes: int, written: bool) -> None:
+    if not written:
+        shares.charge(tenant, -nbytes)

@@ -5,14 +5,15 @@ one part, ``**`` matches zero or more parts (``a.**`` matches ``a`` and ``a.b.c`
 matches ``a`` and ``b.a``), ``{x,y}`` matches either alternative (alternatives are patterns
 themselves), and several space-separated patterns in one ``match`` mean any of them.
 
-Patterns are compiled once into one anchored regular expression per route; the route chosen for
-a tag is cached, so steady traffic costs one dict lookup per message.
+Patterns are compiled once into one anchored regular expression per route. What is worked out
+for a tag (its route, its tenant) is remembered in a :class:`TagCache`, so steady traffic costs
+one dict lookup per message.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -84,23 +85,42 @@ def compile_match(match: str) -> re.Pattern[str]:
 
 
 class Router(Generic[T]):
-    """Ordered (pattern, target) routes; ``route(tag)`` gives the first match's target or None."""
+    """Ordered (pattern, target) routes; ``route(tag)`` gives the first match's target or None
+    (each time by the patterns: callers remember it in a TagCache)."""
 
-    __slots__ = ("_cache", "_routes")
+    __slots__ = ("_routes",)
 
     def __init__(self, routes: Sequence[tuple[str, T]]) -> None:
         self._routes = [(compile_match(match), target) for match, target in routes]
-        self._cache: dict[str, T | None] = {}
 
     def route(self, tag: str) -> T | None:
+        return next((t for regex, t in self._routes if regex.match(tag)), None)
+
+
+class TagCache(Generic[T]):
+    """``work(tag)``, remembered by tag: at most CACHE_LIMIT tags (then it starts again), and
+    none longer than CACHED_TAG_MAX_LENGTH (a sender inventing tags cannot grow it)."""
+
+    __slots__ = ("_cache", "_work")
+
+    def __init__(self, work: Callable[[str], T]) -> None:
+        self._work = work
+        self._cache: dict[str, T] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def __call__(self, tag: str) -> T:
         try:
             return self._cache[tag]
         except KeyError:
             pass
-        target = next((t for regex, t in self._routes if regex.match(tag)), None)
-        if len(tag) > CACHED_TAG_MAX_LENGTH:
-            return target
-        if len(self._cache) >= CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[tag] = target
-        return target
+        value = self._work(tag)
+        if len(tag) <= CACHED_TAG_MAX_LENGTH:
+            if len(self._cache) >= CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[tag] = value
+        return value

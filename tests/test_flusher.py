@@ -439,7 +439,7 @@ def test_at_the_deadline_what_is_held_goes_back_to_the_store_by_tag(store: str) 
 
 def test_tagged_groups_a_subset_of_a_chunks_lines_by_tag_in_order() -> None:
     chunk_lines = lines(6)
-    chunk = Chunk(chunk_lines, 60, 0.0, [("a", 2), ("b", 3), ("a", 1)])
+    chunk = Chunk(chunk_lines, 60, 0.0, [("a", 2, 20), ("b", 3, 30), ("a", 1, 10)])
     assert tagged(chunk, chunk_lines) == [
         ("a", chunk_lines[:2]), ("b", chunk_lines[2:5]), ("a", chunk_lines[5:]),
     ]  # fmt: skip

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from aggregator.config.cpus import available_cpus
-from aggregator.config.units import parse_duration, parse_size
+from aggregator.config.units import parse_duration, parse_rate, parse_size
 from aggregator.protocol.decoder import DEFAULT_MAX_ENTRIES
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -21,6 +22,9 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 """Bytes; written as a number of bytes or a string such as "64KiB", "1MiB", "2GiB"."""
+
+Rate = Annotated[int, BeforeValidator(parse_rate)]
+"""Bytes per second; written as a number or a string such as "5MiB/s"."""
 
 
 def _blank_is_none(value: object) -> object:
@@ -504,11 +508,100 @@ class Server(Strict):
         return self
 
 
+# --- limits ----------------------------------------------------------------------------------
+
+
+class TenantFrom(Strict):
+    """How a tag names its tenant: a part of it, or a regular expression's group."""
+
+    part: int | None = Field(
+        0, description="The tag part (0: the first; -1: the last) that names the tenant."
+    )
+    regex: str | None = Field(
+        None,
+        description="Instead of part: a regular expression searched in the tag; its group "
+        "named tenant, else its first group, else the whole match names the tenant. A tag it "
+        "does not match belongs to the tenant \"other\".",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> TenantFrom:
+        if self.regex is not None:
+            re.compile(self.regex)  # re.error names the problem
+            object.__setattr__(self, "part", None)
+        elif self.part is None:
+            raise ValueError("tenant_from needs part or regex")
+        return self
+
+
+class TenantLimits(Strict):
+    """Limits of one tenant; in [limits] for every tenant, in [limits.overrides.NAME] for one
+    (a key left out there keeps the value of [limits])."""
+
+    rate: Rate | None = Field(
+        None,
+        gt=0,
+        description="Bytes of events (as delivered: JSON lines) per second a tenant may send, "
+        "for the whole service: each worker allows rate / (instances x workers). Unset: none.",
+    )
+    burst: Size | None = Field(
+        None,
+        gt=0,
+        description="What a tenant may send at once above its rate (a token bucket's size), "
+        "shared likewise; unset: one second of rate.",
+    )
+    buffer_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="The most of any destination's buffer (total_limit_size) one tenant's "
+        "events may hold, e.g. 0.5; unset: all of it.",
+    )
+    tag_length_limit: Size | None = Field(
+        None, ge=1, description="Longer tags are refused and counted (default 1KiB)."
+    )
+    max_event_size: Size | None = Field(
+        None,
+        ge=64,
+        description="An event whose JSON line is longer is cut (its longest string shortened) "
+        "or refused, as max_event_size_action says; counted either way. Unset: no limit.",
+    )
+    max_event_size_action: Literal["truncate", "refuse"] | None = Field(
+        None, description="truncate (default) or refuse."
+    )
+
+
+class Limits(TenantLimits):
+    """Per-tenant limits (Loki's ideas): one service's flood cannot fill every buffer."""
+
+    tenant_from: TenantFrom = Field(default_factory=TenantFrom)
+    instances: int = Field(
+        1,
+        ge=1,
+        description="Aggregator processes (ECS tasks) that share rate and burst: each of their "
+        "workers allows rate / (instances x workers), as Loki's global strategy divides by "
+        "distributors. Set it from the deployment, e.g. \"${TASKS:-2}\".",
+    )
+    overrides: dict[str, TenantLimits] = Field(
+        default_factory=dict, description="Limits of named tenants, by tenant name."
+    )
+
+    def of(self, tenant: str) -> TenantLimits:
+        """The limits that hold for ``tenant``: its override's keys over these."""
+        override = self.overrides.get(tenant)
+        mine = TenantLimits(**{k: getattr(self, k) for k in TenantLimits.model_fields})
+        if override is None:
+            return mine
+        given = {k: v for k, v in override if v is not None}
+        return mine.model_copy(update=given)
+
+
 class Config(Strict):
     server: Server = Field(default_factory=Server)
     sources: list[Source] = Field(min_length=1)
     routes: list[Route] = Field(default_factory=list)
     destinations: dict[str, Destination] = Field(min_length=1)
+    limits: Limits = Field(default_factory=Limits, description="Per-tenant limits.")
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:

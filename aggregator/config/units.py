@@ -47,3 +47,15 @@ def parse_size(value: object) -> int:
     if size < 0:
         raise ValueError(f"invalid size {value!r}: must not be negative")
     return size
+
+
+def parse_rate(value: object) -> int:
+    """Bytes per second from an integer or a size per second, such as "5MiB/s" ("5MiB" alone
+    is read per second too)."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and text.endswith("/s"):
+        text = text[:-2]
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(f"invalid rate {value!r}: use bytes per second or e.g. '5MiB/s'") from None

@@ -1,9 +1,10 @@
 """The Fluentd forward input: TCP on 24224 (all four modes, acks) and UDP heartbeats.
 
 One :class:`ForwardConnection` per client, built on ``asyncio.Protocol``: bytes go into the
-sans-IO decoder, messages come out and are dispatched one by one. When a destination's buffer is
-full and blocks, the connection stops reading (TCP backpressure reaches the sender) and resumes
-with the same message once there is room. Bad input closes that one connection.
+sans-IO decoder, messages come out and are dispatched one by one. When the answer is to wait (a
+destination's buffer is full and blocks, or a tenant over its limits sends alone on this
+connection without acks), the connection stops reading (TCP backpressure reaches the sender)
+and offers the same message again once the wait is over. Bad input closes that one connection.
 
 Closing a connection ourselves (the stop, ``max_connection_age``) waits for its first safe
 moment, because a client that is not reading cannot tell a closed connection from a slow one:
@@ -30,6 +31,7 @@ import time
 from typing import Any, cast
 
 from aggregator import metrics
+from aggregator.admission import Refused, Sender, Wait
 from aggregator.config.model import ForwardSource, Server
 from aggregator.logs import Throttle
 from aggregator.pipeline import Outcome, Pipeline
@@ -58,7 +60,8 @@ acks must not grow our write buffer without bound."""
 
 class FlowControl:
     """Why a connection's reading is paused. Any reason pauses it; it resumes when none is
-    left: a destination's full buffer, a yield after a big read, acks the client does not read.
+    left: an answer to wait (a full buffer, a tenant's limit), a yield after a big read, acks the
+    client does not read.
     """
 
     __slots__ = ("_reasons", "_transport")
@@ -93,8 +96,9 @@ class ForwardConnection(asyncio.Protocol):
         )
         self._transport: asyncio.Transport | None = None
         self._flow: FlowControl | None = None
-        self._pending: Batch | None = None  # the batch waiting for buffer room
+        self._pending: Batch | None = None  # the batch told to wait
         self._waiting: asyncio.Task[None] | None = None  # held: the loop keeps weak references
+        self._sender = Sender()
         self._peer = "?"
         self.last_activity = time.monotonic()
         self.uses_acks = False
@@ -139,6 +143,8 @@ class ForwardConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._transport = None
+        if self._waiting is not None:
+            self._waiting.cancel()  # a message of a closed connection is offered no more
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -215,36 +221,40 @@ class ForwardConnection(asyncio.Protocol):
     # --- the work ---------------------------------------------------------------------------
 
     def _process(self) -> None:
-        """Dispatch decoded batches until the decoder needs more bytes or a buffer blocks."""
+        """Dispatch decoded batches until the decoder needs more bytes or an answer is to wait
+        (a full buffer that blocks, a tenant's limit): then reading pauses until it is over."""
         transport, flow = self._transport, self._flow
+        settings = self._server.settings
         while transport is not None and flow is not None and not transport.is_closing():
-            batch = self._pending
+            try:
+                batch = self._decoder.next_batch()
+            except ProtocolError as exc:
+                self._refuse(exc.reason, str(exc))
+                return
             if batch is None:
-                try:
-                    batch = self._decoder.next_batch()
-                except ProtocolError as exc:
-                    self._refuse(exc.reason, str(exc))
-                    return
-                if batch is None:
-                    return
-            settings = self._server.settings
-            outcome = self._pipeline.dispatch(batch.tag, batch.entries, settings.name,
-                                              label=settings.label)  # fmt: skip
-            if outcome is Outcome.BLOCKED:
+                return
+            answer = self._pipeline.dispatch(batch.tag, batch.entries, settings.name,
+                                             label=settings.label, sender=self._sender,
+                                             acks=bool(batch.chunks))  # fmt: skip
+            if isinstance(answer, Wait):
                 self._pending = batch
-                flow.pause("buffer")
+                flow.pause("wait")
                 self._waiting = asyncio.get_running_loop().create_task(
-                    self._resume_when_room(batch.tag)
+                    self._offer_again(batch, answer)
                 )
                 return
-            self._pending = None
-            self._m_events.pending += len(batch.entries)
-            if batch.chunks:
-                self.uses_acks = True
-                if isinstance(outcome, Commit):
-                    self._ack_once_written(outcome, b"".join(map(encode_ack, batch.chunks)))
-                elif outcome is not Outcome.REJECTED:
-                    transport.write(b"".join(map(encode_ack, batch.chunks)))
+            self._settle(batch, answer)
+
+    def _settle(self, batch: Batch, answer: Outcome | Commit | Refused) -> None:
+        """A message answered: acknowledge it when it asked (once written, for a file buffer),
+        unless it was refused (the client sends it again)."""
+        self._m_events.pending += len(batch.entries)
+        if batch.chunks and self._transport is not None:
+            self.uses_acks = True
+            if isinstance(answer, Commit):
+                self._ack_once_written(answer, b"".join(map(encode_ack, batch.chunks)))
+            elif not isinstance(answer, Refused):
+                self._transport.write(b"".join(map(encode_ack, batch.chunks)))
 
     def _ack_once_written(self, commit: Commit, acks: bytes) -> None:
         """A file buffer acknowledges once the events are written; a write that fails sends no
@@ -263,12 +273,17 @@ class ForwardConnection(asyncio.Protocol):
 
         commit.then(written)
 
-    async def _resume_when_room(self, tag: str) -> None:
-        await self._pipeline.wait_for_room(tag, self._server.settings.label)
+    async def _offer_again(self, batch: Batch, wait: Wait) -> None:
+        settings = self._server.settings
+        answer = await self._pipeline.offer(wait, batch.tag, batch.entries, settings.name,
+                                            label=settings.label, sender=self._sender,
+                                            acks=bool(batch.chunks))  # fmt: skip
+        self._pending = None
         transport, flow = self._transport, self._flow
         if transport is None or flow is None or transport.is_closing():
             return
-        flow.resume("buffer")
+        self._settle(batch, answer)
+        flow.resume("wait")
         try:
             self._process()
         except Exception:  # a bug: never leave the connection reading into a growing backlog
@@ -367,7 +382,9 @@ class ForwardConnection(asyncio.Protocol):
         self._count_close("forced")
 
     def _abandon_pending(self, reason: str) -> None:
-        """The batch waiting for buffer room goes with its connection: count it."""
+        """The batch told to wait goes with its connection: count it."""
+        if self._waiting is not None:
+            self._waiting.cancel()
         if self._pending is not None:
             self._pipeline.abandon(self._pending.tag, len(self._pending.entries), reason,
                                    self._server.settings.label)  # fmt: skip

@@ -29,9 +29,10 @@ import orjson
 from aiohttp import web
 
 from aggregator import metrics, process
+from aggregator.admission import Refused, Wait
 from aggregator.config.model import HttpSource, Server
 from aggregator.formatting import InvalidEvent
-from aggregator.pipeline import Outcome, Pipeline
+from aggregator.pipeline import Pipeline
 from aggregator.protocol.decoder import DEFAULT_MAX_ENTRIES
 from aggregator.sources import Listener
 from aggregator.stores import Commit
@@ -56,6 +57,18 @@ def _text(status: int, body: str = "") -> web.Response:
 
 def _bad_request(reason: str) -> web.Response:
     return _text(400, f"400 Bad Request\n{reason}\n")
+
+
+def _refusal(refused: Refused) -> web.Response:
+    """A tenant over its limits gets 429 with when to try again; a full buffer that refuses
+    (throw_exception) 503; a tag too long 400."""
+    if refused.reason == "tag_too_long":
+        return _bad_request("the tag is longer than tag_length_limit")
+    if refused.reason == "buffer_full":
+        return _text(503, "503 Service Unavailable\nbuffer full\n")
+    response = _text(429, f"429 Too Many Requests\n{refused.reason}\n")
+    response.headers["Retry-After"] = str(max(1, math.ceil(refused.retry_after)))
+    return response
 
 
 def is_loopback(address: str | None) -> bool:
@@ -242,22 +255,20 @@ class HttpServer:
             return _text(408, f"408 Request Timeout\nthe body did not arrive in {timeout:g} s\n")
         if not entries:
             return _text(200)
-        while True:
-            try:
-                # All or nothing, as in_http: a 400 must mean that none was taken.
-                outcome = self.pipeline.dispatch(
-                    tag, entries, self.settings.name, label=self.settings.label, strict=True
-                )
-            except InvalidEvent as exc:
-                metrics.INPUT_ERRORS.labels(self.settings.name, exc.reason).inc()
-                return _bad_request(str(exc))
-            if outcome is not Outcome.BLOCKED:
-                break
-            await self.pipeline.wait_for_room(tag, self.settings.label)
+        source, label = self.settings.name, self.settings.label
+        try:
+            # All or nothing, as in_http: a 400 must mean that none was taken.
+            answer = self.pipeline.dispatch(tag, entries, source, label=label, strict=True)
+            if isinstance(answer, Wait):  # a full buffer that blocks: the request waits
+                answer = await self.pipeline.offer(answer, tag, entries, source, label=label,
+                                                   strict=True)  # fmt: skip
+        except InvalidEvent as exc:
+            metrics.INPUT_ERRORS.labels(source, exc.reason).inc()
+            return _bad_request(str(exc))
         self._m_events.inc(len(entries))
-        if outcome is Outcome.REJECTED:
-            return _text(503, "503 Service Unavailable\nbuffer full\n")
-        if isinstance(outcome, Commit) and not await outcome.wait():
+        if isinstance(answer, Refused):
+            return _refusal(answer)
+        if isinstance(answer, Commit) and not await answer.wait():
             return _text(503, "503 Service Unavailable\nthe buffer could not be written\n")
         return _text(200)
 

@@ -28,8 +28,9 @@ class Chunk:
     lines: list[bytes]
     nbytes: int
     created: float
-    tags: list[tuple[str, int]]
-    """``(tag, count)`` runs over ``lines``: a line's tag, kept for a hand-off at stop."""
+    tags: list[tuple[str, int, int]]
+    """``(tag, count, nbytes)`` runs over ``lines``: each line's tag (for the hand-off at stop),
+    and the bytes of each run (for the tenants' buffer shares)."""
     retry: RetryState = field(default_factory=RetryState)
     held: int = 0
     """Bytes the flusher counts it for while it holds it."""
@@ -41,7 +42,7 @@ class Chunk:
         and the memory they held with them."""
         if len(lines) == len(self.lines):
             return
-        self.tags = [(tag, len(run)) for tag, run in tagged(self, lines)]
+        self.tags = [(tag, len(run), sum(map(len, run))) for tag, run in tagged(self, lines)]
         self.lines = lines
         self.nbytes = sum(map(len, lines))
 
@@ -51,13 +52,13 @@ def tagged(chunk: Chunk, lines: list[bytes]) -> list[Tagged]:
     if lines is chunk.lines:
         out: list[Tagged] = []
         i = 0
-        for tag, count in chunk.tags:
+        for tag, count, _ in chunk.tags:
             out.append((tag, chunk.lines[i : i + count]))
             i += count
         return out
     tag_of: dict[int, str] = {}
     i = 0
-    for tag, count in chunk.tags:
+    for tag, count, _ in chunk.tags:
         for line in chunk.lines[i : i + count]:
             tag_of[id(line)] = tag
         i += count
@@ -116,6 +117,9 @@ class ChunkStore(Protocol):
     """Called when a chunk is sealed: the flusher wakes up to take it."""
     on_dropped: Callable[[int, str], None]
     """Called with events the store lost, and why (a write error, damage on disk)."""
+    on_taken: Callable[[Chunk], None]
+    """Called with each chunk that leaves the store (taken, or dropped by drop_oldest): the
+    tenants' buffer shares give its bytes back."""
 
     @property
     def held_bytes(self) -> int:

@@ -125,6 +125,7 @@ class FileStore:
         self._write_warning = Throttle(WRITE_ERROR_LOG_INTERVAL)
         self.on_sealed: Callable[[], None] = lambda: None
         self.on_dropped: Callable[[int, str], None] = lambda events, reason: None
+        self.on_taken: Callable[[Chunk], None] = lambda chunk: None
         self._m_disk = metrics.BUFFER_DISK_BYTES.labels(name)
         self._m_segments = metrics.BUFFER_SEGMENTS.labels(name)
 
@@ -227,8 +228,9 @@ class FileStore:
         runs = self._runs
         if runs and runs[-1][0] == tag:
             runs[-1][1] += len(lines)
+            runs[-1][2] += nbytes
         else:
-            runs.append([tag, len(lines)])
+            runs.append([tag, len(lines), nbytes])
         self._lines += lines
         self._pending_bytes += nbytes
         commit = self._commit
@@ -375,6 +377,7 @@ class FileStore:
                     self._reconcile(span.segment)
                 self._unref(span.segment)
             if chunk is not None:
+                self.on_taken(chunk)
                 return chunk
         return None
 
@@ -413,14 +416,14 @@ class FileStore:
         if not frames:
             return None
         lines: list[bytes] = []
-        tags: list[tuple[str, int]] = []
+        tags: list[tuple[str, int, int]] = []
         for frame in frames:
             lines += frame.lines
-            for tag, count in frame.runs:
-                if tags and tags[-1][0] == tag:
-                    tags[-1] = (tag, tags[-1][1] + count)
+            for run in frame.runs:
+                if tags and tags[-1][0] == run[0]:
+                    tags[-1] = (run[0], tags[-1][1] + run[1], tags[-1][2] + run[2])
                 else:
-                    tags.append((tag, count))
+                    tags.append(run)
         if segment.found:
             segment.events += len(lines)
             metrics.BUFFER_REPLAYED_EVENTS.labels(self.name).inc(len(lines))

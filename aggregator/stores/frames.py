@@ -3,10 +3,11 @@
 A segment file starts with :data:`SEGMENT_HEADER`, then holds frames back to back::
 
     frame   = MAGIC (4) | payload length (u32 LE) | CRC-32 of the payload (u32 LE) | payload
-    payload = runs length (u32 LE) | runs: msgpack [[tag, count], ...] | the lines, concatenated
+    payload = runs length (u32 LE) | runs: msgpack [[tag, count, bytes], ...] | the lines
 
 One frame is one group write: what a destination took in one turn of the event loop, in order,
-its lines grouped in runs of one tag (the hand-off and the secondary need the tags). Every line
+its lines grouped in runs of one tag (the hand-off needs the tags, the tenants' buffer shares
+their bytes). Every line
 is one event's JSON and ends with its only raw newline, so the lines split back exactly.
 
 Reading never raises, whatever the bytes: a frame whose magic, length or checksum does not hold
@@ -34,13 +35,13 @@ HEADER_SIZE = _HEADER.size
 MAX_PAYLOAD = 1 << 30
 """A frame claiming more than this is damage (a group write holds about a chunk)."""
 
-Run = tuple[str, int]
-"""``(tag, count)``: ``count`` consecutive lines of one tag."""
+Run = tuple[str, int, int]
+"""``(tag, count, nbytes)``: ``count`` consecutive lines of one tag, ``nbytes`` long."""
 
 
 def frame_parts(runs: list[list[Any]], body: bytes) -> list[bytes]:
-    """The frame of ``body`` (the lines, joined) and its ``[[tag, count], ...]`` runs, as parts to
-    write with one ``os.writev``: the lines are not copied again."""
+    """The frame of ``body`` (the lines, joined) and its ``[[tag, count, bytes], ...]`` runs,
+    as parts to write with one ``os.writev``: the lines are not copied again."""
     runs_bytes = msgpack.packb(runs, unicode_errors="surrogateescape")
     runs_length = _RUNS_LENGTH.pack(len(runs_bytes))
     crc = zlib.crc32(body, zlib.crc32(runs_bytes, zlib.crc32(runs_length)))
@@ -177,12 +178,14 @@ def _parse(payload: bytes, start: int, end: int) -> Frame | None:
     try:
         raw = msgpack.unpackb(payload[_RUNS_LENGTH.size : body_start], use_list=False,
                               unicode_errors="surrogateescape")  # fmt: skip
-        runs = [(tag, count) for tag, count in raw]
-    except Exception:  # any shape msgpack can hold but a list of pairs: not ours
+        runs = [(tag, count, nbytes) for tag, count, nbytes in raw]
+    except Exception:  # any shape msgpack can hold but a list of triples: not ours
         return None
     total = 0
-    for tag, count in runs:
-        if not isinstance(tag, str) or type(count) is not int or count < 1:
+    for tag, count, nbytes in runs:
+        if not isinstance(tag, str) or type(count) is not int or type(nbytes) is not int:
+            return None
+        if count < 1:
             return None
         total += count
     body = payload[body_start:]

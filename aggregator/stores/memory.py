@@ -34,9 +34,11 @@ class MemoryStore:
         self._clock = clock
         self._open: Chunk | None = None
         self._ready: deque[Chunk] = deque()
+        self._requeued: deque[Chunk] = deque()  # taken, then given back: first to take again
         self._bytes = 0
         self.on_sealed: Callable[[], None] = lambda: None
         self.on_dropped: Callable[[int, str], None] = lambda events, reason: None
+        self.on_taken: Callable[[Chunk], None] = lambda chunk: None
 
     @property
     def held_bytes(self) -> int:
@@ -61,15 +63,16 @@ class MemoryStore:
             self.seal()
             chunk = None
         if chunk is None:
-            chunk = self._open = Chunk(lines, nbytes, self._clock(), [(tag, len(lines))])
+            chunk = self._open = Chunk(lines, nbytes, self._clock(),
+                                       [(tag, len(lines), nbytes)])  # fmt: skip
         else:
             chunk.lines += lines
             chunk.nbytes += nbytes
-            last_tag, count = chunk.tags[-1]
+            last_tag, count, run_bytes = chunk.tags[-1]
             if last_tag == tag:
-                chunk.tags[-1] = (tag, count + len(lines))
+                chunk.tags[-1] = (tag, count + len(lines), run_bytes + nbytes)
             else:
-                chunk.tags.append((tag, len(lines)))
+                chunk.tags.append((tag, len(lines), nbytes))
         self._bytes += nbytes + LINE_OVERHEAD * len(lines)
         if (
             chunk.nbytes >= settings.chunk_limit_size
@@ -98,31 +101,37 @@ class MemoryStore:
         return due
 
     def take(self) -> Chunk | None:
-        return self._ready.popleft() if self._ready else None
+        if self._requeued:
+            return self._requeued.popleft()
+        if not self._ready:
+            return None
+        chunk = self._ready.popleft()
+        self.on_taken(chunk)
+        return chunk
 
     def requeue(self, chunk: Chunk) -> None:
-        self._ready.appendleft(chunk)
+        self._requeued.appendleft(chunk)
 
     def finish(self, chunk: Chunk) -> None:
         counted: int = chunk.place
         self._bytes -= counted
 
     def drop_oldest(self) -> int | None:
-        if not self._ready:
+        if not self._ready and not self._requeued:
             self.seal()  # the open chunk is the oldest data not yet in flight
-        if not self._ready:
+        chunk = self.take()
+        if chunk is None:
             return None
-        chunk = self._ready.popleft()
         self.finish(chunk)
         return len(chunk.lines)
 
     @property
     def queued(self) -> bool:
-        return self._open is not None or bool(self._ready)
+        return self._open is not None or bool(self._ready) or bool(self._requeued)
 
     @property
     def volatile_events(self) -> int:
-        chunks = list(self._ready)
+        chunks = [*self._ready, *self._requeued]
         if self._open is not None:
             chunks.append(self._open)
         return sum(len(c.lines) for c in chunks)

@@ -70,7 +70,8 @@ def test_appends_are_written_at_the_end_of_the_loop_turn_then_the_commit_settles
         data = segments(tmp_path)[0].read_bytes()
         assert data.startswith(SEGMENT_HEADER)
         out = decode(data, len(SEGMENT_HEADER), final=True)
-        assert [(f.runs, f.lines) for f in out.frames] == [([("a", 2), ("b", 1)], lines(3))]
+        assert [(f.runs, f.lines) for f in out.frames] == [([("a", 2, 30), ("b", 1, 15)],
+                                                             lines(3))]  # fmt: skip
         await asyncio.sleep(0.05)  # a periodic fsync or two
         await store.close()
 
@@ -89,7 +90,7 @@ def test_a_sealed_chunk_is_read_back_with_its_tags_and_its_segment_goes_when_fin
         store.seal()
         chunks = drain(store)
         assert [line for c in chunks for line in c.lines] == lines(20)
-        assert [c.tags for c in chunks] == [[("t", 10)], [("u", 10)]]
+        assert [c.tags for c in chunks] == [[("t", 10, 150)], [("u", 10, 150)]]
         assert len(segments(tmp_path)) == 2 and store.held_bytes > 0
         for chunk in chunks:
             store.finish(chunk)

@@ -18,10 +18,11 @@ def frames_of(written: Written) -> bytes:
 
 
 def batch(tag: str, start: int, n: int) -> tuple[list[list[object]], list[bytes]]:
-    return [[tag, n]], [b'{"i":%d,"s":"\\u00e9\\r"}\n' % i for i in range(start, start + n)]
+    lines = [b'{"i":%d,"s":"\\u00e9\\r"}\n' % i for i in range(start, start + n)]
+    return [[tag, n, sum(map(len, lines))]], lines
 
 
-WRITTEN: Written = [batch("a", 0, 3), batch("b.c", 3, 2), ([["a", 1], ["b", 2]],
+WRITTEN: Written = [batch("a", 0, 3), batch("b.c", 3, 2), ([["a", 1, 3], ["b", 2, 8]],
                     [b"{}\n", b"[1]\n", b'"x"\n'])]  # fmt: skip
 
 
@@ -29,14 +30,14 @@ def test_frames_read_back_with_their_runs() -> None:
     data = frames_of(WRITTEN)
     out = decode(data, final=True)
     assert [(f.runs, f.lines) for f in out.frames] == [
-        ([(r[0], r[1]) for r in runs], lines) for runs, lines in WRITTEN
+        ([tuple(r) for r in runs], lines) for runs, lines in WRITTEN
     ]
     assert out.end == len(data) and out.damaged_bytes == out.torn_bytes == 0
 
 
 def test_a_line_with_a_bare_carriage_return_still_splits_at_newlines_only() -> None:
     lines = [b'{"a":"x\ry"}\n', b"{}\n"]  # not JSON a formatter writes, but never misread
-    out = decode(encode_frame([["t", 2]], b"".join(lines)), final=True)
+    out = decode(encode_frame([["t", 2, 16]], b"".join(lines)), final=True)
     assert out.frames[0].lines == lines
 
 
@@ -95,7 +96,8 @@ batches = st.lists(st.tuples(tags, json_lines), min_size=1, max_size=6)
 def test_any_damage_decodes_to_the_good_frames_plus_counted_damage(
     written: list[tuple[str, list[bytes]]], data: st.DataObject
 ) -> None:
-    encoded = [encode_frame([[tag, len(lines)]], b"".join(lines)) for tag, lines in written]
+    encoded = [encode_frame([[tag, len(lines), sum(map(len, lines))]], b"".join(lines))
+               for tag, lines in written]  # fmt: skip
     blob = bytearray(b"".join(encoded))
     kind = data.draw(st.sampled_from(["cut", "flip", "insert", "overwrite"]))
     at = data.draw(st.integers(0, len(blob)))
