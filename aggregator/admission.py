@@ -35,7 +35,6 @@ import orjson
 
 from aggregator import metrics
 from aggregator.config.model import Limits, TenantLimits
-from aggregator.flusher import Admission as Room
 from aggregator.flusher import Flusher
 from aggregator.logs import Throttle
 from aggregator.routing import TagCache
@@ -90,19 +89,24 @@ class Sender:
 class Tenant:
     """One tenant in this worker: its limits, its token bucket, its metrics' label."""
 
-    __slots__ = ("burst", "label", "limits", "name", "rate", "tag_length_limit", "tokens",
-                 "updated")  # fmt: skip
+    __slots__ = ("_clock", "burst", "label", "limits", "m_bytes", "name", "rate",
+                 "tag_length_limit", "tokens", "updated")  # fmt: skip
 
-    def __init__(self, name: str, label: str, limits: TenantLimits, share: float) -> None:
+    def __init__(
+        self, name: str, label: str, limits: TenantLimits, share: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self._clock = clock
         self.name = name
         self.label = label
         self.limits = limits
         self.tag_length_limit = limits.tag_length_limit or DEFAULT_TAG_LENGTH_LIMIT
+        self.m_bytes = metrics.tally(metrics.TENANT_BYTES.labels(label))
         self.rate = None if limits.rate is None else limits.rate * share
         burst = limits.burst if limits.burst is not None else limits.rate
         self.burst = None if burst is None else burst * share
         self.tokens = self.burst or 0.0
-        self.updated = time.monotonic()
+        self.updated = clock()
 
     def rate_wait(self) -> float:
         """0 when the tenant may send now, else the seconds until it may."""
@@ -114,6 +118,7 @@ class Tenant:
     def charge(self, nbytes: int) -> None:
         """Take what a message cost from the bucket (it may go below zero: the next message
         waits until it is paid back)."""
+        self.m_bytes.pending += nbytes
         if self.rate is not None:
             self._refill()
             self.tokens -= nbytes
@@ -122,7 +127,7 @@ class Tenant:
         # At every charge, not only when empty: a bucket refilled late would count as earned
         # the time it spent full.
         assert self.rate is not None and self.burst is not None
-        now = time.monotonic()
+        now = self._clock()
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
 
@@ -130,9 +135,12 @@ class Tenant:
 class Tenants:
     """Tenants by tag: named once per tag (remembered), with their limits."""
 
-    def __init__(self, limits: Limits, share: float) -> None:
+    def __init__(
+        self, limits: Limits, share: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._limits = limits
         self._share = share
+        self._clock = clock
         source = limits.tenant_from
         self._regex = re.compile(source.regex) if source.regex is not None else None
         self._part = source.part
@@ -168,20 +176,27 @@ class Tenants:
                 self._by_name.clear()
                 self.of.clear()
             label = name if name in self._limits.overrides else OTHER
-            tenant = Tenant(name, label, self._limits.of(name), self._share)
+            tenant = Tenant(name, label, self._limits.of(name), self._share, self._clock)
             self._by_name[name] = tenant
         return tenant
 
 
 class Shares:
-    """What each tenant holds of one destination's buffer, against buffer_share."""
+    """What each tenant holds of one destination's buffer, against buffer_share: counted as the
+    store counts (memory with its bookkeeping, or disk) from when its events go in until their
+    chunk leaves the store; the chunks in delivery attempts (2 x flush_thread_count at most)
+    are no one's."""
 
     def __init__(self, flusher: Flusher, tenants: Tenants) -> None:
         self._total = flusher.settings.total_limit_size
         self._tenants = tenants
+        self._cost = flusher.store.cost
         self.held: dict[str, int] = {}
         self._released = asyncio.Event()
         flusher.store.on_taken = self.release
+
+    def cost(self, nbytes: int, events: int) -> int:
+        return self._cost(nbytes, events)
 
     def over(self, tenant: Tenant) -> bool:
         share = tenant.limits.buffer_share
@@ -203,10 +218,10 @@ class Shares:
         held = self.held
         if not held:
             return
-        for tag, _, nbytes in chunk.tags:
+        for tag, events, nbytes in chunk.tags:
             name = self._tenants.of(tag).name
             if name in held:
-                left = held[name] - nbytes
+                left = held[name] - self._cost(nbytes, events)
                 if left > 0:
                     held[name] = left
                 else:
@@ -222,8 +237,10 @@ class Shares:
 class Admission:
     """The limits of one worker's pipeline."""
 
-    def __init__(self, limits: Limits, workers: int = 1) -> None:
-        self.tenants = Tenants(limits, 1.0 / (limits.instances * workers))
+    def __init__(
+        self, limits: Limits, workers: int = 1, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.tenants = Tenants(limits, 1.0 / (limits.instances * workers), clock)
         self._warning = Throttle(LIMIT_WARNING_INTERVAL)
 
     def check(
@@ -239,17 +256,31 @@ class Admission:
             if can_wait:
                 return Wait(lambda: shares.wait(tenant))
             return Refused("buffer_share", 1.0)
-        room = flusher.admit()
-        if room is Room.ACCEPTED:
+        return self._room(flusher)
+
+    def _room(self, flusher: Flusher) -> Wait | Refused | None:
+        """The buffer's own limit: when it is full, ``overflow_action``."""
+        store = flusher.store
+        if store.has_room():
             return None
-        if room is Room.BLOCKED:
+        flusher.publish_state()  # health reads the fill ratio: let it see "full" at once
+        action = flusher.settings.overflow_action
+        if action == "block":
             return Wait(flusher.wait_for_room)
+        if action == "drop_oldest_chunk" and (events := store.drop_oldest()) is not None:
+            log.warning("buffer full: dropped the oldest chunk",
+                        extra={"destination": flusher.name, "events": events})  # fmt: skip
+            flusher.count_dropped(events, "buffer_overflow")
+            return None
         return Refused("buffer_full", 1.0)
 
-    def charge(self, tenant: Tenant, shares: Shares, nbytes: int) -> None:
-        """What a message cost once formatted: from the bucket, into the share."""
+    def charge(self, tenant: Tenant, shares: Shares, nbytes: int, events: int) -> int:
+        """What a message cost once formatted: from the bucket, into the share (as the store
+        counts it, which is returned)."""
         tenant.charge(nbytes)
-        shares.charge(tenant, nbytes)
+        cost = shares.cost(nbytes, events)
+        shares.charge(tenant, cost)
+        return cost
 
     def refused(self, tenant: Tenant | None, source: str, reason: str, events: int) -> None:
         """Count what a limit refused or cut (never silently); ``tenant`` None: not named (a

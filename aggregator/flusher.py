@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import heapq
 import itertools
 import logging
@@ -58,12 +57,6 @@ STATE_PUBLISH_INTERVAL = 1.0
 store (a file store's free space) when nothing happens."""
 
 
-class Admission(enum.Enum):
-    ACCEPTED = "accepted"
-    BLOCKED = "blocked"  # overflow_action = block and no room: wait for room, then offer again
-    REJECTED = "rejected"  # overflow_action = throw_exception and no room
-
-
 class Flusher:
     def __init__(
         self,
@@ -94,7 +87,7 @@ class Flusher:
         self._room.set()
         self._wakeup = asyncio.Event()
         store.on_sealed = self._wakeup.set
-        store.on_dropped = self._count_dropped
+        store.on_dropped = self.count_dropped
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
         self._deadline: float | None = None
@@ -129,25 +122,7 @@ class Flusher:
         held = 0 if self.store.durable else sum(len(c.lines) for c in self._held_chunks())
         return held + self.store.volatile_events
 
-    # --- the input side ---------------------------------------------------------------------
-
-    def admit(self) -> Admission:
-        """Whether a new message may be appended now, applying ``overflow_action`` if not."""
-        store = self.store
-        if store.has_room():
-            return Admission.ACCEPTED
-        self._publish_state()  # health reads the fill ratio: let it see "full" at once
-        action = self.settings.overflow_action
-        if action == "block":
-            return Admission.BLOCKED
-        if action == "drop_oldest_chunk" and (events := store.drop_oldest()) is not None:
-            log.warning(
-                "buffer full: dropped the oldest chunk",
-                extra={"destination": self.name, "events": events},
-            )
-            self._count_dropped(events, "buffer_overflow")
-            return Admission.ACCEPTED
-        return Admission.REJECTED
+    # --- room ---------------------------------------------------------------------------------
 
     async def wait_for_room(self) -> None:
         while not self.store.has_room():
@@ -197,7 +172,7 @@ class Flusher:
                 log.error("events not delivered before the stop deadline",
                           extra={"destination": self.name, "events": left})  # fmt: skip
         kept = await self.store.close()
-        self._publish_state()
+        self.publish_state()
         return kept
 
     async def _run(self) -> None:
@@ -220,7 +195,7 @@ class Flusher:
                 self._give_back_held()
             else:
                 self._start_deliveries(now)
-            self._publish_state()
+            self.publish_state()
             held = self._waiting or self._due or store.queued
             if self._closing and not self._delivering and (expired or not held):
                 return
@@ -267,7 +242,7 @@ class Flusher:
             self._hold(chunk, 0)
             self.store.requeue(chunk)
 
-    def _publish_state(self) -> None:
+    def publish_state(self) -> None:
         store = self.store
         self._m_bytes.set(store.held_bytes)
         self._m_chunks.set(len(self._delivering) + len(self._waiting) + len(self._due))
@@ -372,9 +347,9 @@ class Flusher:
             # The bytes move from this buffer's budget to the secondary's: not over the sum.
             secondary.store.append("", lines, sum(map(len, lines)))
             return
-        self._count_dropped(len(lines), reason)
+        self.count_dropped(len(lines), reason)
 
-    def _count_dropped(self, events: int, reason: str) -> None:
+    def count_dropped(self, events: int, reason: str) -> None:
         self.dropped += events
         metrics.DROPPED_EVENTS.labels(self.name, reason).inc(events)
         log.error(

@@ -172,11 +172,11 @@ class Pipeline:
         if lines and tenant.limits.max_event_size is not None:
             lines, nbytes = self.admission.fit(tenant, source, lines, nbytes)
         if lines:
-            self.admission.charge(tenant, dest.shares, nbytes)
+            cost = self.admission.charge(tenant, dest.shares, nbytes, len(lines))
             commit = dest.flusher.store.append(tag, lines, nbytes)
             if commit is not None:
                 if tenant.limits.buffer_share is not None:  # not written: not held
-                    commit.then(partial(_uncharge, dest.shares, tenant, nbytes))
+                    commit.then(partial(_uncharge, dest.shares, tenant, cost))
                 return commit
         return Outcome.ACCEPTED
 
@@ -280,6 +280,6 @@ class Pipeline:
             log.warning("no route matches tag; events discarded", extra={"tag": tag, "events": due})
 
 
-def _uncharge(shares: Shares, tenant: Tenant, nbytes: int, written: bool) -> None:
+def _uncharge(shares: Shares, tenant: Tenant, cost: int, written: bool) -> None:
     if not written:
-        shares.charge(tenant, -nbytes)
+        shares.charge(tenant, -cost)

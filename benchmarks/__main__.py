@@ -34,6 +34,16 @@ def _add_event_size(group: argparse._ActionsContainer, default: int) -> None:
     )
 
 
+def _against(text: str) -> dict[str, Any]:
+    """``SETTING=VALUE`` of --against, as RunConfig fields."""
+    key, _, value = text.partition("=")
+    if key == "buffer" and value in BUFFERS:
+        return {"buffer": value}
+    if key == "limits" and value in ("on", "off"):
+        return {"limits": value == "on"}
+    raise argparse.ArgumentTypeError("use buffer=memory, buffer=file, limits=on or limits=off")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description="Benchmarks of the aggregator."
@@ -90,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the destination's buffer type (%(default)s); file: in the run's temporary "
         "directory",
     )  # fmt: skip
+    service.add_argument(
+        "--limits", action="store_true",
+        help="[limits] on, never limiting: every tenant's rate, burst and buffer share counted",
+    )  # fmt: skip
     faults = run.add_argument_group("sink")
     faults.add_argument(
         "--stall-at",
@@ -116,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the peer's executable (default: ../shared/peers/fluent-bit)",
     )  # fmt: skip
     peers.add_argument(
-        "--against-buffer", choices=BUFFERS, metavar="TYPE",
-        help="instead of a peer, the aggregator with this buffer type (e.g. --buffer file "
-        "--against-buffer memory: what the file buffer costs)",
+        "--against", metavar="SETTING=VALUE", type=_against,
+        help="instead of a peer, the aggregator with one setting changed: buffer=memory|file "
+        "or limits=on|off (e.g. --buffer file --against buffer=memory: what the file buffer "
+        "costs)",
     )  # fmt: skip
     peers.add_argument(
         "--pairs", type=_positive_int, default=1, metavar="N",
@@ -246,6 +261,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         total_limit=args.total_limit,
         flush_threads=args.flush_threads,
         buffer=args.buffer,
+        limits=args.limits,
         stall_at=args.stall_at,
         stall_for=args.stall_for,
         fail_rate=args.fail_rate,
@@ -266,7 +282,7 @@ def _side_by_side(config: RunConfig, other: RunConfig, pairs: int) -> int:
     ratio."""
     results: list[tuple[dict[str, Any], dict[str, Any]]] = []
     status = 0
-    peer = other.subject if other.subject != "aggregator" else f"{other.buffer}-buffer"
+    peer = other.subject if other.subject != "aggregator" else report.label(other.to_json())
     for n in range(pairs):
         ours_config, path = config, config.json_path
         if path is not None and pairs > 1:  # one result file per pair
@@ -311,13 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             config = _config(args)
             other = None
-            if args.peer is not None and args.against_buffer is not None:
-                raise ValueError("--peer or --against-buffer: one thing to compare with")
+            if args.peer is not None and args.against is not None:
+                raise ValueError("--peer or --against: one thing to compare with")
             if args.peer is not None:
                 other = dataclasses.replace(config, subject=args.peer, buffer="memory",
                                             json_path=None)  # fmt: skip
-            elif args.against_buffer is not None:
-                other = dataclasses.replace(config, buffer=args.against_buffer, json_path=None)
+            elif args.against is not None:
+                other = dataclasses.replace(config, **args.against, json_path=None)
             if args.pairs > 1 and other is None:
                 raise ValueError("--pairs compares with a peer: give --peer too")
     except (ValueError, OSError) as exc:  # bad settings, or a results file that is not there

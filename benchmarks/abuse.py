@@ -1,6 +1,8 @@
 """``python -m benchmarks abuse``: the service under hostile input, with honest senders beside.
 
-All at once, for ``--duration`` seconds, against one running service:
+First, alone: 1,000 messages with unique 1 MiB tags, asking for acks (refused by
+``tag_length_limit``: the worker's RSS must not grow by more than LONG_TAG_GROWTH_LIMIT).
+Then all at once, for ``--duration`` seconds, against one running service:
 
 - malformed frames (``--frames``): events that cannot be encoded (NaN times, records that are
   not maps, nesting past JSON's limit) in bulk, and now and then bytes that are not msgpack;
@@ -45,6 +47,9 @@ PER_CONNECTION = 50 * 1024
 """What an open, idle connection costs a worker (``python -m benchmarks connections``)."""
 MESSAGE_DECODE = 15 * MIB
 """At most one message decoded at a time: message_entries_limit (100,000) x ~150 B."""
+LONG_TAGS = 1000
+LONG_TAG_GROWTH_LIMIT = 100 * MIB
+"""How much 1,000 messages with 1 MiB tags may grow a worker's RSS (they once left 120 MiB)."""
 
 
 def config(endpoint: str, workers: int) -> str:
@@ -127,7 +132,11 @@ def amplification(forward: int, http: int, tally: Tally, stop: threading.Event) 
             if stop.is_set():
                 return
             with _connect(forward) as sock:
-                sock.sendall(data)
+                try:
+                    sock.sendall(data)
+                except TimeoutError:  # the worker is busy with the flood: not read in time
+                    tally.add(f"{name}: not taken in time (busy)")
+                    continue
                 tally.add(name)
     body = b"\xdd" + (8 << 20).to_bytes(4, "big") + b"\x80" * (8 << 20)
     for _ in range(3):
@@ -169,6 +178,26 @@ def slowloris(
     tally.add("slowloris connections", len(socks) + len(bodies))
     for s in [*socks, *bodies]:
         s.close()
+
+
+def long_tags(port: int, count: int, tally: Tally) -> None:
+    """Messages with unique 1 MiB tags, asking for acks (none must come)."""
+    sock = _connect(port)
+    pad = "x" * (MIB - 8)
+    for i in range(count):
+        sock.sendall(encode_message(f"{i:08d}{pad}", 1700000000, {"i": i}, chunk=f"t{i}"))
+    tally.add("messages with 1 MiB tags sent", count)
+    sock.settimeout(1.0)
+    acks = 0
+    unpacker = msgpack.Unpacker(raw=False)
+    try:
+        while data := sock.recv(4096):
+            unpacker.feed(data)
+            acks += sum(1 for _ in unpacker)
+    except TimeoutError:
+        pass
+    tally.add("messages with 1 MiB tags acked", acks)
+    sock.close()
 
 
 def unread_acks(port: int, tally: Tally, stop: threading.Event) -> None:
@@ -250,11 +279,14 @@ class AbuseResult:
     honest_delivered: int
     honest_lost: int
     honest_duplicated: int
+    long_tag_growth: int
+    """The largest growth of a worker's RSS across the long-tag messages."""
 
     @property
     def exit_status(self) -> int:
         failed = self.restarts or self.watchdog_kills or self.honest_lost
-        return 1 if failed or not self.within_bound else 0
+        too_big = self.long_tag_growth > LONG_TAG_GROWTH_LIMIT
+        return 1 if failed or too_big or not self.within_bound else 0
 
     @property
     def within_bound(self) -> bool:
@@ -271,6 +303,8 @@ class AbuseResult:
         allowed = 2 * BUFFER_LIMIT + self.baseline_rss + held * PER_CONNECTION + MESSAGE_DECODE
         peaks = ", ".join(f"{rss / MIB:,.0f}" for rss in self.peak_rss.values())
         rows += [
+            f"messages with 1 MiB tags: worker RSS +{self.long_tag_growth / MIB:.0f} MiB "
+            f"(at most {LONG_TAG_GROWTH_LIMIT / MIB:.0f})",
             f"workers: {int(self.restarts)} restarts, {int(self.watchdog_kills)} watchdog kills",
             f"peak RSS per worker: {peaks} MiB; the documented bound: buffers 2 x "
             f"{BUFFER_LIMIT / MIB:.0f} + idle worker {self.baseline_rss / MIB:.0f} + {held} open "
@@ -281,14 +315,18 @@ class AbuseResult:
         return "\n".join(rows)
 
 
-def run(frames: int, duration: float, workers: int) -> AbuseResult:
+def run(frames: int, duration: float, workers: int, tags: int = LONG_TAGS) -> AbuseResult:
     with EmulatorThread() as firehose, tempfile.TemporaryDirectory(prefix="bench-abuse-") as d:
         service = Service.start(config(firehose.endpoint_url, workers), workers, Path(d))
         tally, stop, results = Tally(), threading.Event(), [Honest(), Honest()]
         peak: dict[int, int] = {}
         try:
-            baseline = max(service.worker_memory("VmRSS").values())
             fwd, http = service.forward_port, service.http_port
+            before = service.worker_memory("VmRSS")
+            _recorded("long tags", lambda: long_tags(fwd, tags, tally), tally)
+            after = service.worker_memory("VmRSS")
+            growth = max((after[pid] - before.get(pid, after[pid]) for pid in after), default=0)
+            baseline = max(after.values())
             # The connections that just sit there first: on two cores, once the flood runs,
             # the harness itself gets little time to open them.
             held = [threading.Event(), threading.Event()]
@@ -332,6 +370,6 @@ def run(frames: int, duration: float, workers: int) -> AbuseResult:
         totals.get("aggregator_worker_restarts_total", 0.0),
         totals.get("aggregator_worker_watchdog_kills_total", 0.0),
         peak, baseline, len(sent), sum(got.values()),
-        len(set(sent) - set(got)), sum(n - 1 for n in got.values() if n > 1),
+        len(set(sent) - set(got)), sum(n - 1 for n in got.values() if n > 1), growth,
     )  # fmt: skip
 

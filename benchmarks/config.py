@@ -43,6 +43,8 @@ class RunConfig:
     flush_threads: int = 8
     buffer: str = "memory"
     """The aggregator's buffer type: memory, or file (in the run's temporary directory)."""
+    limits: bool = False
+    """[limits] on, never limiting (to measure what counting costs)."""
     stall_at: float | None = None
     """Seconds into the load at which the sink stops answering (with ``stall_for``)."""
     stall_for: float | None = None
@@ -76,10 +78,11 @@ class RunConfig:
         if self.buffer not in BUFFERS:
             yield f"buffer must be one of {', '.join(BUFFERS)}"
         if self.subject != "aggregator" and (
-            self.profile or self.aggregate or self.buffer != "memory"
+            self.profile or self.aggregate or self.buffer != "memory" or self.limits
         ):
             yield (
-                "--profile, --aggregate and --buffer are the aggregator's; a peer runs without them"
+                "--profile, --aggregate, --buffer and --limits are the aggregator's; a peer runs "
+                "without them"
             )
         for name in ("workers", "batch", "connections", "flush_threads", "sample_every"):
             if getattr(self, name) < 1:

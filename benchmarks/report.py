@@ -58,10 +58,11 @@ def _mib(value: int | None) -> str:
 def label(config: dict[str, Any]) -> str:
     """What was measured, in a few words: the peer, or the aggregator and its buffer."""
     subject: str = config.get("subject", "aggregator")
-    buffer = config.get("buffer", "memory")
-    if subject == "aggregator" and buffer != "memory":
-        return f"{subject} ({buffer} buffer)"
-    return subject
+    if subject != "aggregator":
+        return subject
+    notes = [f"{config['buffer']} buffer"] if config.get("buffer", "memory") != "memory" else []
+    notes += ["limits"] if config.get("limits") else []
+    return f"{subject} ({', '.join(notes)})" if notes else subject
 
 
 def describe(config: dict[str, Any]) -> str:

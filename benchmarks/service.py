@@ -76,6 +76,9 @@ chunk_limit_size = "{config.chunk_limit}"
 total_limit_size = "{config.total_limit}"
 flush_thread_count = {config.flush_threads}
 """
+    limits = ""
+    if config.limits:  # every tenant counted, none ever limited
+        limits = '\n[limits]\nrate = "100GiB/s"\nburst = "100GiB"\nbuffer_share = 1.0\n'
     return f"""\
 [server]
 workers = {config.workers}
@@ -85,7 +88,7 @@ drain_timeout = "5s"
 stop_timeout = "60s"
 
 {SOURCES}
-{firehose_route(endpoint_url, settings=settings)}"""
+{firehose_route(endpoint_url, settings=settings)}{limits}"""
 
 
 def request_timeout(config: RunConfig) -> float:

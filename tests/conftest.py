@@ -76,6 +76,13 @@ def create_s3_stream(moto_server: str, stream: str, bucket: str, prefix: str) ->
     )
 
 
+@pytest.fixture(params=["memory", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that takes it runs on both buffer stores: "memory", or a file store's
+    directory."""
+    return "memory" if request.param == "memory" else str(tmp_path / "buffer")
+
+
 @pytest.fixture(scope="session")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1: (cert.pem, key.pem)."""

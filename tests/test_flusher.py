@@ -14,14 +14,10 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from aggregator.config.model import BufferSettings
-from aggregator.flusher import Admission, Flusher
+from aggregator.flusher import Flusher
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
 from aggregator.stores import Chunk, ChunkStore, build_store, tagged
-
-STORES = ["memory", "file"]
 
 
 class ScriptedSink:
@@ -48,12 +44,6 @@ class ScriptedSink:
 
     async def close(self) -> None:
         pass
-
-
-@pytest.fixture(params=STORES)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each test that takes it runs on both stores: "memory", or a file store's directory."""
-    return "memory" if request.param == "memory" else str(tmp_path / "buffer")
 
 
 def settings(store: str = "memory", **kw: Any) -> BufferSettings:
@@ -206,65 +196,6 @@ def test_without_secondary_undeliverable_lines_are_dropped_and_counted(store: st
         append(buf, lines(7), 70)
         assert await stop(buf, time.monotonic() + 5) == ""
         assert buf.dropped == 7
-
-    run(main)
-
-
-def test_block_admission_waits_for_room() -> None:
-    async def main() -> None:
-        sink = ScriptedSink()
-        sink.gate.clear()  # the destination stalls
-        buf = await started("t", settings(chunk_limit_size=100, total_limit_size=200), sink)
-        append(buf, lines(10), 100)
-        append(buf, lines(10, 10), 100)
-        assert buf.admit() is Admission.BLOCKED
-        waiter = asyncio.ensure_future(buf.wait_for_room())
-        await asyncio.sleep(0.1)
-        assert not waiter.done()
-        sink.gate.set()  # the destination resumes
-        await asyncio.wait_for(waiter, 2)
-        assert buf.admit() is Admission.ACCEPTED
-        await stop(buf, time.monotonic() + 2)
-        assert len(sink.delivered) == 20
-
-    run(main)
-
-
-def test_throw_exception_rejects_when_full() -> None:
-    async def main() -> None:
-        sink = ScriptedSink()
-        sink.gate.clear()
-        s = settings(chunk_limit_size=100, total_limit_size=100, overflow_action="throw_exception")
-        buf = await started("t", s, sink)
-        append(buf, lines(10), 100)
-        assert buf.admit() is Admission.REJECTED
-        sink.gate.set()
-        await stop(buf, time.monotonic() + 2)
-
-    run(main)
-
-
-def test_drop_oldest_chunk_makes_room_and_counts(store: str) -> None:
-    async def main() -> None:
-        sink = ScriptedSink()
-        sink.gate.clear()
-        # A file buffer counts its segments' bytes (and each has an 8-byte header, each frame a
-        # header of its own): its limit here is set so that two chunks fill it.
-        limit = 200 if store == "memory" else 250
-        s = settings(store, chunk_limit_size=100, total_limit_size=limit, flush_thread_count=1,
-                     overflow_action="drop_oldest_chunk")  # fmt: skip
-        buf = await started("t", s, sink)
-        append(buf, lines(10), 100)  # in flight, stuck
-        await asyncio.sleep(0.05)
-        append(buf, lines(10, 10), 100)  # queued
-        buf.flush_now()
-        assert not buf.store.has_room()
-        assert buf.admit() is Admission.ACCEPTED  # by dropping the queued chunk
-        assert buf.dropped == 10
-        append(buf, lines(10, 20), 100)
-        sink.gate.set()
-        await stop(buf, time.monotonic() + 2)
-        assert sorted(sink.delivered) == lines(10) + lines(10, 20)
 
     run(main)
 

@@ -527,7 +527,10 @@ class TenantFrom(Strict):
     @model_validator(mode="after")
     def _one_way(self) -> TenantFrom:
         if self.regex is not None:
-            re.compile(self.regex)  # re.error names the problem
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r}: {exc}") from None
             object.__setattr__(self, "part", None)
         elif self.part is None:
             raise ValueError("tenant_from needs part or regex")

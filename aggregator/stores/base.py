@@ -131,6 +131,9 @@ class ChunkStore(Protocol):
     def has_room(self) -> bool:
         """Whether new events may be appended now."""
 
+    def cost(self, nbytes: int, events: int) -> int:
+        """What ``events`` events of ``nbytes`` count against total_limit_size here."""
+
     async def start(self) -> None:
         """Open files, find what an earlier process left (replayed through the normal path)."""
 

@@ -142,6 +142,9 @@ class FileStore:
     def has_room(self) -> bool:
         return not self._low_space and self.held_bytes < self._settings.total_limit_size
 
+    def cost(self, nbytes: int, events: int) -> int:
+        return nbytes  # and a frame's header per loop turn, not per event
+
     @property
     def queued(self) -> bool:
         return bool(

@@ -51,6 +51,9 @@ class MemoryStore:
     def has_room(self) -> bool:
         return self._bytes < self._settings.total_limit_size
 
+    def cost(self, nbytes: int, events: int) -> int:
+        return nbytes + LINE_OVERHEAD * events
+
     async def start(self) -> None:
         pass
 

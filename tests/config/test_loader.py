@@ -178,3 +178,36 @@ def test_security_and_tls_settings_that_cannot_work_are_refused() -> None:
 def test_a_key_of_an_earlier_version_names_its_replacement() -> None:
     err = error_of(MINIMAL + '\n[server]\nshutdown_timeout = "100s"\n')
     assert "server.shutdown_timeout: unknown key; replaced by stop_timeout" in err
+
+
+def test_limits_read_with_their_units_and_overrides() -> None:
+    config = loads(MINIMAL + """
+[limits]
+instances = "${TASKS:-4}"
+rate = "2MiB/s"
+buffer_share = 0.25
+tenant_from = { regex = '^k8s\\.(?P<tenant>[^.]+)' }
+
+[limits.overrides.payments]
+rate = "10MiB/s"
+max_event_size = "256KiB"
+""", {})  # fmt: skip
+    limits = config.limits
+    assert (limits.instances, limits.rate, limits.buffer_share) == (4, 2 * 2**20, 0.25)
+    assert limits.tenant_from.regex is not None and limits.tenant_from.part is None
+    payments = limits.of("payments")
+    assert (payments.rate, payments.buffer_share, payments.max_event_size) == (
+        10 * 2**20, 0.25, 256 * 1024)  # fmt: skip
+    assert limits.of("search").rate == 2 * 2**20
+    assert loads(MINIMAL, {}).limits.rate is None  # off unless asked
+
+
+def test_limits_that_cannot_work_are_refused_with_their_path() -> None:
+    assert "limits.buffer_share" in error_of(MINIMAL + "\n[limits]\nbuffer_share = 1.5\n")
+    assert "limits.rate: invalid rate" in error_of(MINIMAL + '\n[limits]\nrate = "fast"\n')
+    assert "limits.tenant_from" in error_of(
+        MINIMAL + "\n[limits]\ntenant_from = { regex = '(unclosed' }\n"
+    )
+    assert "limits.overrides.x.burst" in error_of(
+        MINIMAL + '\n[limits.overrides.x]\nburst = "-1"\n'
+    )

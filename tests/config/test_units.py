@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.config.units import parse_duration, parse_size
+from aggregator.config.units import parse_duration, parse_rate, parse_size
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,10 @@ def test_bad_durations(bad: object) -> None:
 def test_bad_sizes(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+def test_rates() -> None:
+    assert parse_rate("5MiB/s") == parse_rate("5MiB") == 5 * 2**20
+    assert parse_rate(1000) == 1000 and parse_rate(" 1 KiB/s ") == 1024
+    with pytest.raises(ValueError, match="invalid rate"):
+        parse_rate("5 per second")
