@@ -7,7 +7,8 @@ Two steps, each one place:
 - :class:`Converter` maps the tree onto the same data a TOML file gives (validated by the same
   models afterwards). Each supported parameter has a rule; a parameter whose behaviour does not
   matter here is dropped with a warning that says why; anything else is an error with its file
-  and line. Nothing is silently read differently.
+  and line. Nothing is silently read differently. Every error of a file is reported in one run
+  (a user fixes them all at once), not only the first.
 
 Values keep their environment lookups as ``${VAR}``, so a converted file still takes its
 settings from the environment at start, as Fluentd did.
@@ -52,17 +53,27 @@ _KEY = re.compile(r"(@?[A-Za-z_][\w.]*)(?:\s+(.*))?$")
 # The embedded Ruby that Fluentd configs use to read the environment, and the host name.
 _ENV_INDEX = re.compile(r"""ENV\[\s*(['"])([A-Za-z_]\w*)\1\s*\]""")
 _ENV_FETCH = re.compile(r"""ENV\.fetch\(\s*(['"])([A-Za-z_]\w*)\1\s*(?:,\s*(['"])(.*?)\3\s*)?\)""")
+_ENV_OR = re.compile(
+    r"""ENV\[\s*(['"])([A-Za-z_]\w*)\1\s*\]\s*\|\|\s*(?:(['"])(.*?)\3|(-?[\d.]+))"""
+)
 _HOSTNAME = re.compile(r"Socket\.gethostname")
 
 
-def parse(path: str | Path) -> Directive:
-    """The directives of ``path`` and of the files it includes, under one root."""
+def parse(path: str | Path, errors: list[str] | None = None) -> Directive:
+    """The directives of ``path`` and of the files it includes, under one root. A value that
+    cannot be read is added to ``errors`` and reading goes on (without ``errors``: raised at
+    the end); a file whose structure cannot be read raises at once."""
     root = Directive("ROOT", "", f"{path}:1")
-    _parse_file(Path(path), [root], depth=0)
+    found: list[str] = []
+    _parse_file(Path(path), [root], 0, found)
+    if errors is None and found:
+        raise ConfigError("\n".join(found))
+    if errors is not None:
+        errors += found
     return root
 
 
-def _parse_file(path: Path, stack: list[Directive], depth: int) -> None:
+def _parse_file(path: Path, stack: list[Directive], depth: int, errors: list[str]) -> None:
     if depth > 16:
         raise ConfigError(f"{path}: @include nested too deep (a loop?)")
     try:
@@ -97,17 +108,21 @@ def _parse_file(path: Path, stack: list[Directive], depth: int) -> None:
             if not matches and not glob.has_magic(full):
                 raise ConfigError(f"{where}: @include {pattern}: no such file")
             for included in matches:
-                _parse_file(Path(included), stack, depth + 1)
+                _parse_file(Path(included), stack, depth + 1, errors)
             continue
         m = _KEY.match(line)
         if m is None:
-            raise ConfigError(f"{where}: cannot read this line: {line[:80]}")
+            errors.append(f"{where}: cannot read this line: {line[:80]}")
+            continue
         key, raw = m.group(1), m.group(2) or ""
         # A JSON array or hash may go on over lines until its brackets close.
         while raw[:1] in "[{" and raw and not _balanced(raw) and i < len(lines):
             raw += "\n" + _strip_comment(lines[i]).strip()
             i += 1
-        stack[-1].params[key] = Param(_value(raw.strip(), where), where)
+        try:
+            stack[-1].params[key] = Param(_value(raw.strip(), where), where)
+        except ConfigError as exc:
+            errors.append(str(exc))
     if len(stack) > base:
         raise ConfigError(f"{stack[-1].where}: <{stack[-1].name}> is never closed")
 
@@ -173,6 +188,9 @@ def _double_quoted(body: str, where: str) -> str:
 
 
 def _ruby(code: str, where: str) -> str:
+    if m := _ENV_OR.fullmatch(code):  # ENV['X'] || 'default': the default when X is unset
+        default = m.group(4) if m.group(4) is not None else m.group(5)
+        return "${" + m.group(2) + ":-" + _literal(default) + "}"
     if m := _ENV_INDEX.fullmatch(code):
         return "${" + m.group(2) + ":-}"  # Ruby: nil when unset, which interpolates as ""
     if m := _ENV_FETCH.fullmatch(code):
@@ -182,7 +200,7 @@ def _ruby(code: str, where: str) -> str:
         return "${HOSTNAME:-localhost}"
     raise ConfigError(
         f"{where}: embedded Ruby #{{{code}}} is not supported: only ENV['X'], "
-        "ENV.fetch('X', 'default') and Socket.gethostname are"
+        "ENV['X'] || 'default', ENV.fetch('X', 'default') and Socket.gethostname are"
     )
 
 
@@ -434,17 +452,27 @@ _SYSTEM = Section(
 )
 
 
+_MONITORS = ("monitor_agent", "prometheus", "prometheus_monitor", "prometheus_output_monitor",
+             "prometheus_tail_monitor")  # fmt: skip
+"""Sources that serve a service's own metrics: here the http source's /metrics does."""
+
+
 class Converter:
     """A parsed ``fluent.conf`` as this service's configuration data, plus warnings."""
 
     def __init__(self) -> None:
         self.warnings: list[str] = []
+        self.errors: list[str] = []
         self.data: dict[str, Any] = {"server": {}, "sources": [], "routes": [],
                                      "destinations": {}}  # fmt: skip
 
     def convert(self, root: Directive) -> dict[str, Any]:
+        """The configuration data; ConfigError naming every problem found, each with its file
+        and line."""
         for directive in root.children:
-            self._top(directive)
+            self._each(self._top, directive)
+        if self.errors:
+            raise ConfigError("\n".join(self.errors))
         if not self.data["server"]:
             del self.data["server"]
         buffers = [dest.setdefault("buffer", {}) for dest in self.data["destinations"].values()]
@@ -460,6 +488,13 @@ class Converter:
     def _warn(self, where: str, text: str) -> None:
         self.warnings.append(f"{where}: {text}")
 
+    def _each(self, convert: Callable[[Directive], Any], d: Directive) -> None:
+        """Convert one directive; what is wrong with it is noted, and the next goes on."""
+        try:
+            convert(d)
+        except ConfigError as exc:
+            self.errors.append(str(exc))
+
     def _top(self, d: Directive) -> None:
         if d.name == "system":
             self.data["server"].update(self._params(d, _SYSTEM, "<system>"))
@@ -467,7 +502,8 @@ class Converter:
                 self._warn(child.where, f"<{child.name}> in <system> ignored: logs are JSON lines "
                            "on standard error, set by [server] log_level")  # fmt: skip
         elif d.name == "source":
-            self.data["sources"].append(self._source(d))
+            if (source := self._source(d)) is not None:
+                self.data["sources"].append(source)
         elif d.name == "match":
             self._match(d, label=None)
         elif d.name == "label":
@@ -488,17 +524,24 @@ class Converter:
         if not d.arg.startswith("@"):
             raise ConfigError(f"{d.where}: a label's name starts with @, got {d.arg!r}")
         for child in d.children:
-            if child.name == "match":
-                self._match(child, label=d.arg)
-            elif child.name == "filter":
-                self._top(child)  # the same error
-            else:
-                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a <label>")
+            self._each(lambda c: self._in_label(c, d.arg), child)
+
+    def _in_label(self, d: Directive, label: str) -> None:
+        if d.name == "match":
+            self._match(d, label=label)
+        elif d.name == "filter":
+            self._top(d)  # the same error
+        else:
+            raise ConfigError(f"{d.where}: <{d.name}> is not supported in a <label>")
 
     # --- sources -------------------------------------------------------------------------
 
-    def _source(self, d: Directive) -> dict[str, Any]:
+    def _source(self, d: Directive) -> dict[str, Any] | None:
         kind = self._type(d, "<source>")
+        if kind in _MONITORS:
+            self._warn(d.where, f"<source> @type {kind} ignored: the http source serves "
+                       "GET /metrics (Prometheus) and GET /api/health")  # fmt: skip
+            return None
         if kind == "forward":
             source = {"type": "forward", **self._params(d, _FORWARD, "<source> forward")}
             for child in d.children:
@@ -646,20 +689,24 @@ class Converter:
     ) -> None:  # fmt: skip
         """An output's sections, of those ``allowed`` for its kind, into ``dest``."""
         for child in d.children:
-            if child.name not in allowed:
-                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a {kind} "
-                                  "output")  # fmt: skip
-            if child.name == "buffer":
-                if child.arg not in ("", "tag"):
-                    self._warn(child.where, f"<buffer {child.arg}>: chunk keys ignored; chunks "
-                               "are per destination")  # fmt: skip
-                dest["buffer"] = self._buffer(child)
-            elif child.name == "secondary":
-                dest["secondary"] = self._secondary(child, name)
-            elif child.name == "inject":
-                dest["inject"] = self._inject(child)
-            else:  # format
-                self._json_format(child)
+            self._each(lambda c: self._section(c, dest, kind, allowed, name), child)
+
+    def _section(
+        self, d: Directive, dest: dict[str, Any], kind: str, allowed: tuple[str, ...], name: str
+    ) -> None:
+        if d.name not in allowed:
+            raise ConfigError(f"{d.where}: <{d.name}> is not supported in a {kind} output")
+        if d.name == "buffer":
+            if d.arg not in ("", "tag"):
+                self._warn(d.where, f"<buffer {d.arg}>: chunk keys ignored; chunks are per "
+                           "destination")  # fmt: skip
+            dest["buffer"] = self._buffer(d)
+        elif d.name == "secondary":
+            dest["secondary"] = self._secondary(d, name)
+        elif d.name == "inject":
+            dest["inject"] = self._inject(d)
+        else:  # format
+            self._json_format(d)
 
     def _buffer(self, d: Directive) -> dict[str, Any]:
         buffer = self._params(d, _BUFFER, "<buffer>")
@@ -708,20 +755,24 @@ class Converter:
                 continue  # read by _name
             if key in section.rules:
                 ours, read = section.rules[key]
-                out[ours] = read(param.value, param.where)
+                try:
+                    out[ours] = read(param.value, param.where)
+                except ConfigError as exc:
+                    self.errors.append(str(exc))
             elif key in section.ignored:
                 why = section.ignored[key]
                 self._warn(param.where, f"{what}: {key} ignored" + (f": {why}" if why else ""))
             else:
-                raise ConfigError(f"{param.where}: {what}: {key} is not supported")
+                self.errors.append(f"{param.where}: {what}: {key} is not supported")
         return out
 
 
 def convert_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     """``path`` (a fluent.conf) as configuration data, and the warnings about what was
-    dropped; ConfigError with the file and line for what cannot be converted."""
+    dropped; ConfigError with the file and line of everything that cannot be converted."""
     converter = Converter()
-    return converter.convert(parse(path)), converter.warnings
+    root = parse(path, converter.errors)
+    return converter.convert(root), converter.warnings
 
 
 def looks_like_fluentd(path: str | Path, text: str) -> bool:

@@ -69,24 +69,48 @@ def _key_path(data: Any, loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
-RENAMED = {
-    "shutdown_timeout": "stop_timeout (the platform's kill timer: SIGKILL comes this long after "
-    "SIGTERM, 30 s by default on ECS; the stop now plans to end before it)",
+RENAMED: dict[tuple[str, ...], tuple[str, str]] = {
+    ("server", "shutdown_timeout"): (
+        "stop_timeout",
+        "the platform's kill timer: SIGKILL comes this long after SIGTERM, 30 s by default on "
+        "ECS; the stop plans to end before it",
+    ),
 }
-"""Keys of earlier versions, by name, and what took their place."""
+"""Keys of earlier versions (their table, then the key), what took their place, and what it
+means. A config that still has one is read as if it had the new key, with a warning."""
+
+
+def _rename(data: dict[str, Any], warnings: list[str]) -> None:
+    for (*tables, old), (new, means) in RENAMED.items():
+        table: Any = data
+        for name in tables:
+            table = table.get(name) if isinstance(table, dict) else None
+        if not isinstance(table, dict) or old not in table:
+            continue
+        where = ".".join([*tables, old])
+        if new in table:
+            raise ConfigError(f"{where}: renamed {new}, which is set too: keep {new}")
+        table[new] = table.pop(old)
+        warnings.append(f"{where} is now {new} ({means}); read as {new}")
 
 
 def _message(error: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
-        key = str(error["loc"][-1]) if error.get("loc") else ""
-        return f"unknown key; replaced by {RENAMED[key]}" if key in RENAMED else "unknown key"
+        return "unknown key"
     if error["type"] == "missing":
         return "required key is missing"
     msg = str(error["msg"])
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
-def parse(data: dict[str, Any], env: Mapping[str, str] | None = None) -> Config:
+def parse(
+    data: dict[str, Any], env: Mapping[str, str] | None = None,
+    warnings: list[str] | None = None,
+) -> Config:  # fmt: skip
+    """Validated configuration from parsed ``data``; renamed keys are read with a warning
+    (added to ``warnings``)."""
+    data = dict(data)
+    _rename(data, [] if warnings is None else warnings)
     expanded = _expand_all(data, os.environ if env is None else env, "")
     try:
         return Config.model_validate(expanded)
@@ -98,12 +122,15 @@ def parse(data: dict[str, Any], env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("\n".join(lines)) from None
 
 
-def loads(text: str, env: Mapping[str, str] | None = None, source: str = "<config>") -> Config:
+def loads(
+    text: str, env: Mapping[str, str] | None = None, source: str = "<config>",
+    warnings: list[str] | None = None,
+) -> Config:  # fmt: skip
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    return parse(data, env)
+    return parse(data, env, warnings)
 
 
 def read(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[Config, list[str]]:
@@ -115,8 +142,9 @@ def read(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[Config
         raise ConfigError(f"{path}: {exc.strerror or exc}") from None
     if fluentd.looks_like_fluentd(path, text):
         data, warnings = fluentd.convert_file(path)
-        return parse(data, env), warnings
-    return loads(text, env, str(path)), []
+        return parse(data, env, warnings), warnings
+    warnings = []
+    return loads(text, env, str(path), warnings), warnings
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:

@@ -380,3 +380,55 @@ def test_a_fluentd_file_buffer_becomes_a_file_buffer(tmp_path: Path) -> None:
     assert (other.buffer.type, other.buffer.path) == ("file", "/var/log/fluent/other")
     assert any(":11: <buffer>: path_suffix ignored" in w for w in warnings)
     assert any(":17: <buffer> @type file: total_limit_size not set" in w for w in warnings)
+
+
+def test_every_problem_of_a_file_is_named_in_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "fluent.conf"
+    path.write_text("""<source>
+  @type forward
+  add_tag_prefix x
+</source>
+<source>
+  @type tail
+</source>
+<match **>
+  @type kinesis_firehose
+  delivery_stream_name s
+  port "#{`id`}"
+  <buffer>
+    chunk_limit_size x
+  </buffer>
+</match>
+""")
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    for line, what in ((3, "add_tag_prefix is not supported"), (5, "@type tail is not supported"),
+                       (11, "embedded Ruby"), (13, "invalid size")):  # fmt: skip
+        assert f"{path}:{line}: " in err and what in err, err
+    assert "Traceback" not in err
+
+
+def test_env_defaults_written_with_or_and_monitoring_sources(tmp_path: Path) -> None:
+    data, warnings = convert(tmp_path, """<system>
+  workers "#{ENV['FLUENT_WORKERS'] || '3'}"
+</system>
+<source>
+  @type monitor_agent
+  port 24220
+</source>
+<source>
+  @type forward
+  port "#{ENV["FORWARD_PORT"] || 24224}"
+</source>
+<match **>
+  @type null
+</match>
+""")
+    assert data["server"]["workers"] == "${FLUENT_WORKERS:-3}"
+    assert data["sources"] == [{"type": "forward", "port": "${FORWARD_PORT:-24224}"}]
+    assert parse(data, env={}).server.workers == 3
+    assert parse(data, env={"FLUENT_WORKERS": "2"}).server.workers == 2
+    assert any(":4: <source> @type monitor_agent ignored" in w and "/metrics" in w
+               for w in warnings)  # fmt: skip

@@ -175,9 +175,13 @@ def test_security_and_tls_settings_that_cannot_work_are_refused() -> None:
         'shared_key = "k", clients = [{}] }'))  # fmt: skip
 
 
-def test_a_key_of_an_earlier_version_names_its_replacement() -> None:
-    err = error_of(MINIMAL + '\n[server]\nshutdown_timeout = "100s"\n')
-    assert "server.shutdown_timeout: unknown key; replaced by stop_timeout" in err
+def test_a_key_of_an_earlier_version_is_read_as_its_replacement_with_a_warning() -> None:
+    warnings: list[str] = []
+    config = loads(MINIMAL + '\n[server]\nshutdown_timeout = "100s"\n', {}, warnings=warnings)
+    assert config.server.stop_timeout == 100
+    assert warnings and warnings[0].startswith("server.shutdown_timeout is now stop_timeout")
+    both = error_of(MINIMAL + '\n[server]\nshutdown_timeout = "100s"\nstop_timeout = "5s"\n')
+    assert "server.shutdown_timeout: renamed stop_timeout, which is set too" in both
 
 
 def test_limits_read_with_their_units_and_overrides() -> None:
