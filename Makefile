@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/aggregator.toml
 
-.PHONY: run test lint check-config clean image image-test podman-deps base-image
+.PHONY: run test lint check-config clean image image-test podman-deps base-image fluentd-deps
 
 # The stamp files make the install step re-run whenever pyproject.toml changes.
 $(BIN)/python:
@@ -22,8 +22,16 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/aggregator run -c $(CONFIG)
 
-test: lint
+test: lint fluentd-deps
 	$(BIN)/python -m pytest
+
+# Fluentd itself, for the tests that run the same fluent.conf through it and through us
+# (tests/integration/test_fluentd_diff.py): where the peer build is beside this checkout, its
+# Debian packages are installed once; elsewhere those tests skip.
+FLUENTD_PEER ?= ../shared/peers/fluentd
+fluentd-deps:
+	@[ ! -x $(FLUENTD_PEER)/bin/fluentd ] || $(FLUENTD_PEER)/bin/fluentd --version >/dev/null 2>&1 \
+	  || $(SUDO) sh $(FLUENTD_PEER)/install-deps.sh
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check aggregator tests benchmarks

@@ -62,6 +62,14 @@ TENANT_BYTES = Counter(
     ["tenant"],
     registry=REGISTRY,
 )
+FILTER_EVENTS = Counter(
+    "aggregator_filter_events",
+    "What filters did to events, by filter and outcome: excluded (grep), invalid (parser: did "
+    "not parse; dropped unless reserve_data), joined (concat: parts joined into one), let_go "
+    "(concat: an incomplete line let go after flush_interval or past its memory).",
+    ["filter", "outcome"],
+    registry=REGISTRY,
+)
 UNMATCHED_EVENTS = Counter(
     "aggregator_unmatched_events", "Events whose tag matched no route.", registry=REGISTRY
 )

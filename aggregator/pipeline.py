@@ -20,6 +20,7 @@ from typing import Any
 from aggregator import metrics
 from aggregator.admission import Admission, Refused, Sender, Shares, Tenant, Wait
 from aggregator.config.model import Config
+from aggregator.filters import FilterChain, Filters
 from aggregator.flusher import Flusher
 from aggregator.formatting import Formatter, InvalidEvent
 from aggregator.handoff import MESSAGE_EVENTS, Parcel, hand_off
@@ -31,6 +32,8 @@ from aggregator.stores import Chunk, Commit, build_store, tagged
 
 log = logging.getLogger(__name__)
 
+CONCAT_CHECK_INTERVAL = 1.0
+"""Seconds between two looks for the lines concat filters hold past their flush_interval."""
 UNMATCHED_WARNING_INTERVAL = 10.0
 """Seconds between two warnings about tags that match no route."""
 INVALID_WARNING_INTERVAL = 10.0
@@ -59,10 +62,11 @@ class Destination:
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
-    """Where one tag's events go, and whose they are."""
+    """Where one tag's events go, whose they are, and the filters they go through first."""
 
     dest: Destination
     tenant: Tenant
+    filters: FilterChain | None
 
 
 @dataclass(slots=True, eq=False)
@@ -95,6 +99,8 @@ class Pipeline:
     def __init__(self, config: Config, worker: int = 0, workers: int = 1) -> None:
         self.config = config
         self.admission = Admission(config.limits, workers)
+        self.filters = Filters(config)
+        self._concat_timer: asyncio.Task[None] | None = None
         self.destinations: dict[str, Destination] = {}
         # Secondaries first, so that a primary's buffer can hand over to a built one.
         order = sorted(config.destinations.items(), key=lambda kv: kv[1].secondary is not None)
@@ -113,7 +119,7 @@ class Pipeline:
         for label in {None, *(route.label for route in config.routes)}:
             router = Router([(route.match, self.destinations[route.destination])
                              for route in config.routes if route.label == label])  # fmt: skip
-            self._tickets[label] = TagCache(partial(self._ticket, router))
+            self._tickets[label] = TagCache(partial(self._ticket, router, label))
         self._unmatched_warning = Throttle(UNMATCHED_WARNING_INTERVAL)
         self._invalid_warning = Throttle(INVALID_WARNING_INTERVAL)
 
@@ -122,8 +128,12 @@ class Pipeline:
             await dest.flusher.store.start()
             await dest.flusher.sink.start()
             dest.flusher.start()
+        if self.filters.concats:
+            self._concat_timer = asyncio.get_running_loop().create_task(self._let_go_expired())
 
-    def _ticket(self, router: Router[Destination], tag: str) -> Ticket | Refused | None:
+    def _ticket(
+        self, router: Router[Destination], label: str | None, tag: str
+    ) -> Ticket | Refused | None:
         tenants = self.admission.tenants
         if len(tag) > tenants.tag_length_limit:
             return TAG_TOO_LONG  # before naming a tenant from it: it may be a megabyte
@@ -131,7 +141,9 @@ class Pipeline:
         if len(tag) > tenant.tag_length_limit:
             return TAG_TOO_LONG
         dest = router.route(tag)
-        return None if dest is None else Ticket(dest, tenant)
+        if dest is None:
+            return None
+        return Ticket(dest, tenant, self.filters.chain(label, tag) if self.filters else None)
 
     def route(self, tag: str, label: str | None = None) -> Destination | None:
         """Where ``tag`` goes from a source with ``label``: the first matching route's."""
@@ -165,6 +177,18 @@ class Pipeline:
             if type(verdict) is Refused:
                 self._refused(dest, tenant, source, verdict.reason, len(entries))
             return verdict
+        if ticket.filters is not None:
+            entries = ticket.filters.run(tag, list(entries))
+            if not entries:
+                return Outcome.ACCEPTED  # filtered away (or held by concat): taken
+        return self._take(ticket, tag, entries, source, strict)
+
+    def _take(
+        self, ticket: Ticket, tag: str, entries: Sequence[Any], source: str, strict: bool
+    ) -> Outcome | Commit:
+        """Admitted events: formatted, fitted to the tenant's max_event_size, charged to it,
+        appended to the buffer."""
+        tenant, dest = ticket.tenant, ticket.dest
         encoded = dest.formatter.encode(tag, entries, strict=strict)
         if encoded.invalid:
             self._invalid(source, tag, encoded.invalid, encoded.error)
@@ -179,6 +203,27 @@ class Pipeline:
                     commit.then(partial(_uncharge, dest.shares, tenant, cost))
                 return commit
         return Outcome.ACCEPTED
+
+    async def _let_go_expired(self) -> None:
+        while True:
+            await asyncio.sleep(CONCAT_CHECK_INTERVAL)
+            self.let_go(drain=False)
+
+    def let_go(self, drain: bool) -> None:
+        """Events concat filters let go (expired, past their limits; every one held when
+        ``drain``, at the stop): through the filters after them, into their buffers. They were
+        admitted when their parts came: they are not refused now."""
+        for concat in self.filters.concats:
+            for tag, entry in concat.drain() if drain else concat.expired():
+                label = concat.settings.timeout_label or self.filters.label_of(concat)
+                ticket = self._tickets[label](tag)
+                if not isinstance(ticket, Ticket):
+                    self._unmatched(tag, 1)
+                    continue
+                after = None if concat.settings.timeout_label else concat
+                entries = ticket.filters.run(tag, [entry], after) if ticket.filters else [entry]
+                if entries:
+                    self._take(ticket, tag, entries, concat.name, strict=False)
 
     async def offer(
         self, wait: Wait, tag: str, entries: Sequence[Any], source: str, **options: Any
@@ -219,6 +264,9 @@ class Pipeline:
         """Flush every buffer until ``plan.flush_until``; hand what is left to ``handoff`` until
         ``plan.handoff_until``; then to the secondaries, which write until ``plan.end``, except
         what file buffers keep on disk. Returns what they kept, one line each."""
+        if self._concat_timer is not None:
+            self._concat_timer.cancel()
+        self.let_go(drain=True)  # what concat filters hold goes to the buffers, to be delivered
         secondaries = {d.secondary for d in self.config.destinations.values() if d.secondary}
         primaries = [d for n, d in self.destinations.items() if n not in secondaries]
         await asyncio.gather(*(dest.flusher.close(plan.flush_until) for dest in primaries))

@@ -168,22 +168,30 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "#": "#", "0"
 
 def _double_quoted(body: str, where: str) -> str:
     out: list[str] = []
+    text: list[str] = []  # literal text since the last embedded Ruby, escaped as a whole
     i = 0
     while i < len(body):
         ch = body[i]
         if ch == "\\" and i + 1 < len(body):
-            out.append(_literal(_ESCAPES.get(body[i + 1], body[i + 1])))
+            text.append(_ESCAPES.get(body[i + 1], body[i + 1]))
             i += 2
         elif body.startswith("#{", i):
             end = body.find("}", i + 2)
             if end < 0:
                 raise ConfigError(f"{where}: unclosed #{{")
             # ENV.fetch('X') {...} style blocks contain a brace of their own: not supported
-            out.append(_ruby(body[i + 2 : end].strip(), where))
+            out += [_literal("".join(text)), _ruby(body[i + 2 : end].strip(), where)]
+            text.clear()
             i = end + 1
+        elif ch == '"':
+            # Fluentd's parser ends the value at the first unescaped quote and then expects
+            # the end of the line, so it refuses the rest: say so rather than guess.
+            raise ConfigError(f"{where}: a quote inside a double-quoted value ends it: write \\\" "
+                              f"for a quote in the value (after {body[:i][-20:]!r})")
         else:
-            out.append(_literal(ch))
+            text.append(ch)
             i += 1
+    out.append(_literal("".join(text)))
     return "".join(out)
 
 
@@ -428,6 +436,57 @@ _FIREHOSE = Section(
     },
 )
 _SIMPLE_OUTPUT = Section(rules={}, ignored=dict(_COMMON_IGNORED))
+_FILTER_IGNORED = dict(_COMMON_IGNORED)
+_RECORD_TRANSFORMER = Section(
+    rules={
+        "remove_keys": ("remove_keys", fluent_array), "keep_keys": ("keep_keys", fluent_array),
+        "renew_record": ("renew_record", fluent_bool),
+        "renew_time_key": ("renew_time_key", _text),
+        "auto_typecast": ("auto_typecast", fluent_bool),
+    },
+    ignored=_FILTER_IGNORED,
+)
+_GREP_RULE = Section(rules={"key": ("key", _text), "pattern": ("pattern", _text)})
+_PARSER_FILTER = Section(
+    rules={
+        "key_name": ("key_name", _text), "reserve_data": ("reserve_data", fluent_bool),
+        "reserve_time": ("reserve_time", fluent_bool),
+        "remove_key_name_field": ("remove_key_name_field", fluent_bool),
+        "inject_key_prefix": ("inject_key_prefix", _text),
+        "hash_value_field": ("hash_value_field", _text),
+        "emit_invalid_record_to_error": ("emit_invalid_record_to_error", fluent_bool),
+    },
+    ignored={**_FILTER_IGNORED,
+             "replace_invalid_sequence": "invalid UTF-8 is always replaced (U+FFFD)"},
+)
+_PARSE = Section(
+    rules={
+        "expression": ("expression", _text),
+        "time_key": ("time_key", _text), "keep_time_key": ("keep_time_key", fluent_bool),
+        "time_format": ("time_format", _text), "time_type": ("time_type", _text),
+    },
+    ignored={"estimate_current_event": "", "localtime": "", "utc": ""},
+)
+_CONCAT = Section(
+    rules={
+        "key": ("key", _text), "separator": ("separator", _text),
+        "n_lines": ("n_lines", fluent_int),
+        "multiline_start_regexp": ("multiline_start_regexp", _text),
+        "multiline_end_regexp": ("multiline_end_regexp", _text),
+        "continuous_line_regexp": ("continuous_line_regexp", _text),
+        "stream_identity_key": ("stream_identity_key", _text),
+        "flush_interval": ("flush_interval", fluent_time),
+        "timeout_label": ("timeout_label", _text),
+        "use_first_timestamp": ("use_first_timestamp", fluent_bool),
+        "partial_key": ("partial_key", _text), "partial_value": ("partial_value", _text),
+        "keep_partial_key": ("keep_partial_key", fluent_bool),
+        "use_partial_metadata": ("use_partial_metadata", fluent_bool),
+        "keep_partial_metadata": ("keep_partial_metadata", fluent_bool),
+        "buffer_limit_size": ("buffer_limit_size", fluent_size),
+        "buffer_overflow_method": ("buffer_overflow_method", _text),
+    },
+    ignored=_FILTER_IGNORED,
+)
 _INJECT = Section(
     rules={"tag_key": ("tag_key", _text), "time_key": ("time_key", _text)},
     ignored={"utc": "times are always written in UTC", "localtime": ""},
@@ -509,8 +568,7 @@ class Converter:
         elif d.name == "label":
             self._label(d)
         elif d.name == "filter":
-            raise ConfigError(f"{d.where}: <filter> is not supported: records pass through "
-                              "unchanged (move filters to the senders, e.g. Fluent Bit)")
+            self._filter(d, label=None)
         else:
             raise ConfigError(f"{d.where}: <{d.name}> is not supported here")
 
@@ -530,7 +588,7 @@ class Converter:
         if d.name == "match":
             self._match(d, label=label)
         elif d.name == "filter":
-            self._top(d)  # the same error
+            self._filter(d, label=label)
         else:
             raise ConfigError(f"{d.where}: <{d.name}> is not supported in a <label>")
 
@@ -575,6 +633,108 @@ class Converter:
             else:
                 raise ConfigError(f"{child.where}: <{child.name}> is not supported in <security>")
         return security
+
+    # --- filters -------------------------------------------------------------------------
+
+    def _filter(self, d: Directive, label: str | None) -> None:
+        kind = self._type(d, "<filter>")
+        convert = {"record_transformer": self._record_transformer, "grep": self._grep,
+                   "parser": self._parser_filter, "concat": self._concat}.get(kind)  # fmt: skip
+        if convert is None:
+            raise ConfigError(f"{d.where}: <filter> @type {kind} is not supported: filters are "
+                              "record_transformer, grep, parser and concat")  # fmt: skip
+        settings: dict[str, Any] = {"type": kind, "match": d.arg or "**", **convert(d)}
+        if label is not None:
+            settings["label"] = label
+        ident = d.params.get("@id")
+        if ident is not None:
+            settings["name"] = re.sub(r"[^\w-]", "_", ident.value)
+        self.data.setdefault("filters", []).append(settings)
+
+    def _record_transformer(self, d: Directive) -> dict[str, Any]:
+        params = dict(d.params)
+        ruby = params.pop("enable_ruby", None)
+        if ruby is not None and fluent_bool(ruby.value, ruby.where) is True:
+            raise ConfigError(f"{ruby.where}: record_transformer enable_ruby true is not "
+                              "supported: Ruby expressions do not run here (the placeholders "
+                              "${tag}, ${tag_parts[N]}, ${record[\"key\"]}... do)")  # fmt: skip
+        out = self._params(Directive(d.name, d.arg, d.where, params), _RECORD_TRANSFORMER,
+                           "<filter> record_transformer")  # fmt: skip
+        for child in d.children:
+            if child.name != "record":
+                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a "
+                                  "record_transformer filter")  # fmt: skip
+            out.setdefault("record", {}).update(
+                {key: param.value for key, param in child.params.items()}
+            )
+        return out
+
+    def _grep(self, d: Directive) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, param in d.params.items():
+            m = re.fullmatch(r"(regexp|exclude)([1-9]\d?)", key)
+            if key in ("@type", "type", "@id"):
+                continue
+            if m is None:
+                self.errors.append(f"{param.where}: <filter> grep: {key} is not supported")
+                continue
+            field, _, pattern = param.value.partition(" ")
+            if not pattern:
+                self.errors.append(f"{param.where}: {key} needs a key and a pattern")
+                continue
+            out.setdefault(m.group(1), []).append({"key": field, "pattern": pattern})
+        for child in d.children:
+            if child.name in ("regexp", "exclude"):
+                out.setdefault(child.name, []).append(self._grep_rule(child))
+            elif child.name in ("and", "or"):
+                group: dict[str, Any] = {}
+                for rule in child.children:
+                    if rule.name not in ("regexp", "exclude"):
+                        raise ConfigError(f"{rule.where}: <{rule.name}> is not supported in "
+                                          f"<{child.name}>")  # fmt: skip
+                    group.setdefault(rule.name, []).append(self._grep_rule(rule))
+                out.setdefault(child.name, []).append(group)
+            else:
+                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a grep "
+                                  "filter")  # fmt: skip
+        return out
+
+    def _grep_rule(self, d: Directive) -> dict[str, Any]:
+        return self._params(d, _GREP_RULE, f"<{d.name}>")
+
+    def _parser_filter(self, d: Directive) -> dict[str, Any]:
+        params = dict(d.params)
+        legacy = params.pop("format", None)  # Fluentd's compat parameters: format json|/re/
+        out = self._params(Directive(d.name, d.arg, d.where, params), _PARSER_FILTER,
+                           "<filter> parser")  # fmt: skip
+        parse: dict[str, Any] = {}
+        if legacy is not None:
+            parse = {"type": "json"} if legacy.value == "json" else {
+                "type": "regexp", "expression": legacy.value}  # fmt: skip
+        for child in d.children:
+            if child.name != "parse":
+                raise ConfigError(f"{child.where}: <{child.name}> is not supported in a parser "
+                                  "filter")  # fmt: skip
+            kind = self._type(child, "<parse>")
+            if kind not in ("json", "regexp"):
+                raise ConfigError(f"{child.where}: <parse> @type {kind} is not supported: json "
+                                  "or regexp")  # fmt: skip
+            parse = {"type": kind, **self._params(child, _PARSE, f"<parse> {kind}")}
+        if parse:
+            out["parse"] = parse
+        return out
+
+    def _concat(self, d: Directive) -> dict[str, Any]:
+        params = dict(d.params)
+        fmt = params.pop("partial_metadata_format", None)
+        if fmt is not None and fmt.value != "docker-fluentd":
+            raise ConfigError(f"{fmt.where}: partial_metadata_format {fmt.value} is not "
+                              "supported: docker-fluentd (Docker's fluentd log driver)")
+        cri = params.pop("use_partial_cri_logtag", None)
+        if cri is not None and fluent_bool(cri.value, cri.where) is True:
+            raise ConfigError(f"{cri.where}: use_partial_cri_logtag is not supported")
+        return self._params(Directive(d.name, d.arg, d.where, params), _CONCAT,
+                            "<filter> concat")  # fmt: skip
 
     # --- outputs -------------------------------------------------------------------------
 
@@ -751,7 +911,7 @@ class Converter:
         for key, param in d.params.items():
             if key in ("@type", "type") and what != "<buffer>":
                 continue  # read by _type
-            if key == "@id" and d.name == "match":
+            if key == "@id" and d.name in ("match", "filter"):
                 continue  # read by _name
             if key in section.rules:
                 ours, read = section.rules[key]

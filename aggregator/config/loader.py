@@ -26,11 +26,22 @@ __all__ = ["ConfigError", "expand", "load", "loads", "parse", "read"]
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand(value: str, env: Mapping[str, str], where: str) -> str:
+PLACEHOLDERS = frozenset({"tag", "hostname", "time"})
+"""Names that, in a filter's settings, are record_transformer's placeholders (``${tag}``), not
+environment variables."""
+
+
+def expand(value: str, env: Mapping[str, str], where: str, keep: frozenset[str] = frozenset()
+           ) -> str:  # fmt: skip
+    """``value`` with ``${VAR}`` looked up in ``env`` (names in ``keep`` are left as they
+    are)."""
+
     def substitute(m: re.Match[str]) -> str:
         if m.group(0) == "$${":
             return "${"
         name, default = m.group(1), m.group(2)
+        if name in keep and default is None:
+            return m.group(0)
         found = env.get(name)
         if found:
             return found
@@ -47,7 +58,8 @@ def expand(value: str, env: Mapping[str, str], where: str) -> str:
 
 def _expand_all(data: Any, env: Mapping[str, str], where: str) -> Any:
     if isinstance(data, str):
-        return expand(data, env, where)
+        keep = PLACEHOLDERS if where.startswith("filters.") else frozenset()
+        return expand(data, env, where, keep)
     if isinstance(data, dict):
         return {k: _expand_all(v, env, f"{where}.{k}" if where else k) for k, v in data.items()}
     if isinstance(data, list):

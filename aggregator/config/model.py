@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -278,6 +278,173 @@ class Route(Strict):
 
         compile_match(self.match)
         return self
+
+
+# --- filters ---------------------------------------------------------------------------------
+
+
+class FilterBase(Strict):
+    match: str = Field(description="Fluentd tag patterns, as a route's: the events it filters.")
+    label: str | None = Field(
+        None, description="Only in this label (Fluentd's <filter> inside <label>)."
+    )
+    name: str | None = Field(None, description="For metrics and logs (default: type_N).")
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> FilterBase:
+        from aggregator.routing import compile_match
+
+        compile_match(self.match)
+        return self
+
+
+class RecordTransformer(FilterBase):
+    """Fluentd's record_transformer (without enable_ruby): fields set from placeholders."""
+
+    type: Literal["record_transformer"]
+    record: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields to set: values may hold ${tag}, ${tag_parts[N]}, ${tag_prefix[N]}, "
+        "${tag_suffix[N]}, ${hostname}, ${time}, ${record[\"key\"]}.",
+    )
+    remove_keys: list[str] = Field(default_factory=list)
+    keep_keys: list[str] = Field(default_factory=list, description="With renew_record.")
+    renew_record: bool = False
+    renew_time_key: str | None = None
+    auto_typecast: bool = Field(
+        True, description="A value that is one placeholder keeps its type (a number, a map)."
+    )
+
+    @model_validator(mode="after")
+    def _keep_needs_renew(self) -> RecordTransformer:
+        if self.keep_keys and not self.renew_record:
+            raise ValueError("keep_keys needs renew_record = true")
+        return self
+
+
+class GrepRule(Strict):
+    key: str = Field(description="A field, or a record accessor ($.a.b).")
+    pattern: str = Field(description="A Ruby regexp, /pattern/flags or bare.")
+
+
+class GrepGroup(Strict):
+    regexp: list[GrepRule] = Field(default_factory=list)
+    exclude: list[GrepRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> GrepGroup:
+        if self.regexp and self.exclude:
+            raise ValueError("an and/or group holds regexp or exclude rules, not both")
+        return self
+
+
+class Grep(FilterBase):
+    """Fluentd's grep: keep events whose fields match (regexp), drop those that do (exclude)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    type: Literal["grep"]
+    regexp: list[GrepRule] = Field(default_factory=list, description="All must match.")
+    exclude: list[GrepRule] = Field(default_factory=list, description="None may match.")
+    and_: list[GrepGroup] = Field(default_factory=list, alias="and")
+    or_: list[GrepGroup] = Field(default_factory=list, alias="or")
+
+
+class ParseSettings(Strict):
+    """Fluentd's <parse>: json, or regexp with named groups."""
+
+    type: Literal["json", "regexp"] = "json"
+    expression: str | None = Field(None, description="regexp: a Ruby regexp with named groups.")
+    time_key: str | None = Field(
+        "time", description="The field that becomes the event's time (and leaves the record)."
+    )
+    keep_time_key: bool = False
+    time_format: str | None = Field(None, description="strptime format of time_key's value.")
+    time_type: Literal["float", "unixtime", "string"] | None = None
+
+    @model_validator(mode="after")
+    def _expression(self) -> ParseSettings:
+        if self.type == "regexp" and not self.expression:
+            raise ValueError("parse type regexp needs expression")
+        return self
+
+
+class Parser(FilterBase):
+    """Fluentd's parser filter: one field's text parsed into the record."""
+
+    type: Literal["parser"]
+    key_name: str
+    parse: ParseSettings = Field(default_factory=ParseSettings)
+    reserve_data: bool = False
+    reserve_time: bool = False
+    remove_key_name_field: bool = False
+    inject_key_prefix: str | None = None
+    hash_value_field: str | None = None
+    emit_invalid_record_to_error: bool = Field(
+        True, description="A record that does not parse is dropped and counted (Fluentd's @ERROR)."
+    )
+
+
+class Concat(FilterBase):
+    """fluent-plugin-concat: lines split by the sender joined back into one event."""
+
+    type: Literal["concat"]
+    key: str = Field(description="The field holding the line's text.")
+    separator: str = "\n"
+    use_partial_metadata: bool = Field(
+        False, description="Docker 19.03+'s partial_message, partial_id, partial_ordinal, "
+        "partial_last.",
+    )
+    keep_partial_metadata: bool = False
+    partial_key: str | None = None
+    partial_value: str | None = None
+    keep_partial_key: bool = False
+    n_lines: int | None = Field(None, ge=1)
+    multiline_start_regexp: str | None = None
+    multiline_end_regexp: str | None = None
+    continuous_line_regexp: str | None = None
+    stream_identity_key: str | None = None
+    flush_interval: Duration = Field(
+        60.0, ge=0, description="An incomplete line is let go this long after its last part "
+        "(0: held until the stop): it goes on as it is, counted.",
+    )
+    timeout_label: str | None = Field(
+        None, description="Where a line let go goes (default: on, as any event)."
+    )
+    use_first_timestamp: bool = False
+    buffer_limit_size: Size = Field(500 * 1024, gt=0)
+    buffer_overflow_method: Literal["ignore", "truncate", "drop", "new"] = "ignore"
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Concat:
+        modes = [self.n_lines is not None, self.partial_key is not None,
+                 self.use_partial_metadata,
+                 bool(self.multiline_start_regexp or self.multiline_end_regexp)]  # fmt: skip
+        if sum(modes) != 1:
+            raise ValueError("concat needs exactly one of n_lines, partial_key, "
+                             "use_partial_metadata, multiline_start_regexp/multiline_end_regexp")
+        if self.partial_key is not None and self.partial_value is None:
+            raise ValueError("partial_value is required with partial_key")
+        return self
+
+
+class DockerPartials(FilterBase):
+    """Rejoin the lines Docker's log driver splits at 16 KiB (its partial metadata): concat on
+    "log" with use_partial_metadata, nothing between the parts."""
+
+    type: Literal["docker_partials"]
+    key: str = "log"
+    flush_interval: Duration = Field(5.0, ge=0)
+
+    def as_concat(self) -> Concat:
+        return Concat(type="concat", match=self.match, label=self.label, name=self.name,
+                      key=self.key, separator="", use_partial_metadata=True,
+                      flush_interval=self.flush_interval)  # fmt: skip
+
+
+Filter = Annotated[
+    RecordTransformer | Grep | Parser | Concat | DockerPartials, Field(discriminator="type")
+]
 
 
 # --- destinations ----------------------------------------------------------------------------
@@ -602,6 +769,9 @@ class Limits(TenantLimits):
 class Config(Strict):
     server: Server = Field(default_factory=Server)
     sources: list[Source] = Field(min_length=1)
+    filters: list[Filter] = Field(
+        default_factory=list, description="Run in order on the events their match takes."
+    )
     routes: list[Route] = Field(default_factory=list)
     destinations: dict[str, Destination] = Field(min_length=1)
     limits: Limits = Field(default_factory=Limits, description="Per-tenant limits.")

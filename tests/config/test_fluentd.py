@@ -239,7 +239,14 @@ def test_secondary_inject_and_file_outputs(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("<filter **>\n  @type grep\n</filter>", ":1: <filter> is not supported"),
+        (
+            "<filter **>\n  @type geoip\n</filter>",
+            ":1: <filter> @type geoip is not supported",
+        ),
+        (
+            "<filter **>\n  @type record_transformer\n  enable_ruby true\n</filter>",
+            ":3: record_transformer enable_ruby true is not supported",
+        ),
         ("<source>\n  @type tail\n</source>", ":1: <source> @type tail is not supported"),
         ("<match **>\n  @type s3\n</match>", ":1: <match> @type s3 is not supported"),
         (
