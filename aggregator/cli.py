@@ -44,6 +44,11 @@ def describe(config: Config) -> str:
     for src in config.sources:
         routes = f"  -> routes of {src.label}" if src.label else ""
         lines.append(f"  {src.name:<12} {src.type:<8} {src.bind}:{src.port}{_guards(src)}{routes}")
+    if config.filters:
+        lines.append("filters (in order, before the routes):")
+        for i, f in enumerate(config.filters, 1):
+            label = f"  (label {f.label})" if f.label else ""
+            lines.append(f"  {i:>2}. {f.match!r:<32} {f.type}{label}")
     lines.append("routes (first match wins):")
     for i, route in enumerate(config.routes, 1):
         label = f"  (label {route.label})" if route.label else ""

@@ -13,7 +13,7 @@ from typing import Any
 from aggregator.config.units import parse_size
 from aggregator.emulator.__main__ import add_fault_arguments
 from benchmarks import abuse, backlog, connections, plot, redeploy, report, sizing
-from benchmarks.config import BUFFERS, SUBJECTS, RunConfig
+from benchmarks.config import BUFFERS, FILTERS, SUBJECTS, RunConfig
 from benchmarks.runner import run_benchmark
 from benchmarks.templates import MODES
 
@@ -41,7 +41,24 @@ def _against(text: str) -> dict[str, Any]:
         return {"buffer": value}
     if key == "limits" and value in ("on", "off"):
         return {"limits": value == "on"}
-    raise argparse.ArgumentTypeError("use buffer=memory, buffer=file, limits=on or limits=off")
+    if key == "filters":
+        return {"filters": _filters(value)}
+    if key == "source" and value:
+        if not (Path(value) / "aggregator" / "__init__.py").is_file():
+            raise argparse.ArgumentTypeError(f"{value} holds no aggregator package")
+        return {"source": Path(value).resolve()}
+    raise argparse.ArgumentTypeError(
+        "use buffer=memory|file, limits=on|off, filters=none|KIND,... or source=DIR"
+    )
+
+
+def _filters(text: str) -> tuple[str, ...]:
+    """``none``, or filter kinds separated by commas."""
+    kinds = () if text == "none" else tuple(text.split(","))
+    for kind in kinds:
+        if kind not in FILTERS:
+            raise argparse.ArgumentTypeError(f"filters are {', '.join(FILTERS)} (or none)")
+    return kinds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--limits", action="store_true",
         help="[limits] on, never limiting: every tenant's rate, burst and buffer share counted",
     )  # fmt: skip
+    service.add_argument(
+        "--filters", type=_filters, default=(), metavar="KIND,...",
+        help=f"filters every event goes through, each keeping it: {', '.join(FILTERS)}",
+    )  # fmt: skip
     faults = run.add_argument_group("sink")
     faults.add_argument(
         "--stall-at",
@@ -131,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     peers.add_argument(
         "--against", metavar="SETTING=VALUE", type=_against,
-        help="instead of a peer, the aggregator with one setting changed: buffer=memory|file "
-        "or limits=on|off (e.g. --buffer file --against buffer=memory: what the file buffer "
-        "costs)",
+        help="instead of a peer, the aggregator with one setting changed: buffer=memory|file, "
+        "limits=on|off, filters=none|KIND,... or source=DIR (another checkout's aggregator: a "
+        "before/after) (e.g. --buffer file --against buffer=memory: what the file buffer costs)",
     )  # fmt: skip
     peers.add_argument(
         "--pairs", type=_positive_int, default=1, metavar="N",
@@ -262,6 +283,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         flush_threads=args.flush_threads,
         buffer=args.buffer,
         limits=args.limits,
+        filters=args.filters,
         stall_at=args.stall_at,
         stall_for=args.stall_for,
         fail_rate=args.fail_rate,

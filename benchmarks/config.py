@@ -13,6 +13,8 @@ from benchmarks.templates import MODES, Mode, make_record
 
 SUBJECTS = ("aggregator", "fluent-bit")
 BUFFERS = ("memory", "file")
+FILTERS = ("grep", "record_transformer", "parser", "docker_partials")
+"""Filters a run can put before the route (benchmarks/service.py says what each does)."""
 """What a run can measure: this project, or a peer under the identical load (benchmarks/peer.py)."""
 DRAIN_GRACE = 30.0
 """Seconds, beyond one flush interval, that the runner waits for the last events to arrive."""
@@ -45,6 +47,10 @@ class RunConfig:
     """The aggregator's buffer type: memory, or file (in the run's temporary directory)."""
     limits: bool = False
     """[limits] on, never limiting (to measure what counting costs)."""
+    filters: tuple[str, ...] = ()
+    """Filters every event goes through, in this order (each keeps every event)."""
+    source: Path | None = None
+    """Another checkout whose ``aggregator`` package runs instead (a before/after)."""
     stall_at: float | None = None
     """Seconds into the load at which the sink stops answering (with ``stall_for``)."""
     stall_for: float | None = None
@@ -77,12 +83,16 @@ class RunConfig:
             yield f"subject must be one of {', '.join(SUBJECTS)}"
         if self.buffer not in BUFFERS:
             yield f"buffer must be one of {', '.join(BUFFERS)}"
+        for kind in self.filters:
+            if kind not in FILTERS:
+                yield f"filters are {', '.join(FILTERS)}, not {kind!r}"
         if self.subject != "aggregator" and (
             self.profile or self.aggregate or self.buffer != "memory" or self.limits
+            or self.filters or self.source
         ):
             yield (
-                "--profile, --aggregate, --buffer and --limits are the aggregator's; a peer runs "
-                "without them"
+                "--profile, --aggregate, --buffer, --limits, --filters and source are the "
+                "aggregator's; a peer runs without them"
             )
         for name in ("workers", "batch", "connections", "flush_threads", "sample_every"):
             if getattr(self, name) < 1:
@@ -154,6 +164,8 @@ class RunConfig:
         settings = asdict(self)
         settings["json_path"] = None if self.json_path is None else str(self.json_path)
         settings["peer_bin"] = None if self.peer_bin is None else str(self.peer_bin)
+        settings["source"] = None if self.source is None else str(self.source)
+        settings["filters"] = list(self.filters)
         settings["senders"] = self.sender_processes
         settings["events_per_message"] = self.events_per_message
         return settings

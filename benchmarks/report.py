@@ -62,6 +62,8 @@ def label(config: dict[str, Any]) -> str:
         return subject
     notes = [f"{config['buffer']} buffer"] if config.get("buffer", "memory") != "memory" else []
     notes += ["limits"] if config.get("limits") else []
+    notes += [f"filters {'+'.join(config['filters'])}"] if config.get("filters") else []
+    notes += [f"code of {Path(config['source']).name}"] if config.get("source") else []
     return f"{subject} ({', '.join(notes)})" if notes else subject
 
 

@@ -86,7 +86,10 @@ def start_subject(
         binary = config.peer_bin or DEFAULT_PEER_BIN
         return FluentBit.start(binary, sink_url, config.flush_interval_s, config.workers, workdir)
     config_text = render_config(config, sink_url, workdir)
-    return Service.start(config_text, config.workers, workdir, extra_env=extra_env)
+    if config.source is not None:  # another checkout's package, first on the path
+        extra_env = {**(extra_env or {}), "PYTHONPATH": str(config.source)}
+    return Service.start(config_text, config.workers, workdir, extra_env=extra_env,
+                         cwd=config.source)  # fmt: skip
 
 
 @dataclass

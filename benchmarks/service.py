@@ -79,6 +79,7 @@ flush_thread_count = {config.flush_threads}
     limits = ""
     if config.limits:  # every tenant counted, none ever limited
         limits = '\n[limits]\nrate = "100GiB/s"\nburst = "100GiB"\nbuffer_share = 1.0\n'
+    limits += "".join(FILTERS[kind] for kind in config.filters)
     return f"""\
 [server]
 workers = {config.workers}
@@ -89,6 +90,41 @@ stop_timeout = "60s"
 
 {SOURCES}
 {firehose_route(endpoint_url, settings=settings)}{limits}"""
+
+
+FILTERS = {
+    # The checks a typical config makes: a stream kept, debug lines dropped (none are).
+    "grep": """
+[[filters]]
+type = "grep"
+match = "**"
+regexp = [{ key = "source", pattern = "/^std(out|err)$/" }]
+exclude = [{ key = "log", pattern = "/^DEBUG /" }]
+""",
+    # Fields from the tag and from the record (the service, the container's short id).
+    "record_transformer": """
+[[filters]]
+type = "record_transformer"
+match = "**"
+record = { service = "${tag_parts[1]}", cluster = "bench", short_id = '${record["container_id"]}' }
+""",
+    # The log line's time stamp taken out into its own field, the line kept.
+    "parser": """
+[[filters]]
+type = "parser"
+match = "**"
+key_name = "log"
+reserve_data = true
+parse = { type = "regexp", expression = '/^(?<stamp>\\S+) (?<message>.*)$/' }
+""",
+    # What the shipped configs do: no event here is a part, each is looked at.
+    "docker_partials": """
+[[filters]]
+type = "docker_partials"
+match = "**"
+""",
+}
+"""Each keeps every event, so that a run still checks that all of them arrived."""
 
 
 def request_timeout(config: RunConfig) -> float:

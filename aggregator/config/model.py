@@ -11,11 +11,12 @@ import os
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from aggregator.config.cpus import available_cpus
 from aggregator.config.units import parse_duration, parse_rate, parse_size
 from aggregator.protocol.decoder import DEFAULT_MAX_ENTRIES
+from aggregator.ruby import compile_ruby, compile_slashed
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds; written as a number of seconds or a string such as "500ms", "1s", "2m"."""
@@ -322,9 +323,18 @@ class RecordTransformer(FilterBase):
         return self
 
 
+def _ruby_regex(text: str) -> str:
+    compile_ruby(text)  # an error naming the pattern when Python cannot do what it asks
+    return text
+
+
+RubyRegexText = Annotated[str, AfterValidator(_ruby_regex)]
+"""A Ruby regexp, ``/pattern/flags`` or bare, that compiles here."""
+
+
 class GrepRule(Strict):
     key: str = Field(description="A field, or a record accessor ($.a.b).")
-    pattern: str = Field(description="A Ruby regexp, /pattern/flags or bare.")
+    pattern: RubyRegexText = Field(description="A Ruby regexp, /pattern/flags or bare.")
 
 
 class GrepGroup(Strict):
@@ -354,7 +364,9 @@ class ParseSettings(Strict):
     """Fluentd's <parse>: json, or regexp with named groups."""
 
     type: Literal["json", "regexp"] = "json"
-    expression: str | None = Field(None, description="regexp: a Ruby regexp with named groups.")
+    expression: RubyRegexText | None = Field(
+        None, description="regexp: a Ruby regexp with named groups."
+    )
     time_key: str | None = Field(
         "time", description="The field that becomes the event's time (and leaves the record)."
     )
@@ -366,6 +378,8 @@ class ParseSettings(Strict):
     def _expression(self) -> ParseSettings:
         if self.type == "regexp" and not self.expression:
             raise ValueError("parse type regexp needs expression")
+        if self.expression and not compile_ruby(self.expression).groupindex:
+            raise ValueError("parse expression needs at least one named group, (?<name>...)")
         return self
 
 
@@ -425,6 +439,10 @@ class Concat(FilterBase):
                              "use_partial_metadata, multiline_start_regexp/multiline_end_regexp")
         if self.partial_key is not None and self.partial_value is None:
             raise ValueError("partial_value is required with partial_key")
+        for regexp in (self.multiline_start_regexp, self.multiline_end_regexp,
+                       self.continuous_line_regexp):  # fmt: skip
+            if regexp is not None:
+                compile_slashed(regexp)
         return self
 
 

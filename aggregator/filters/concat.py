@@ -24,7 +24,7 @@ from typing import Any
 
 from aggregator import metrics
 from aggregator.config.model import Concat as Settings
-from aggregator.filters.ruby import compile_ruby, to_s
+from aggregator.ruby import RubyRegex, compile_slashed, to_s
 
 MAX_HELD_BYTES = 64 * 1024 * 1024
 MAX_STREAMS = 10_000
@@ -49,11 +49,8 @@ class _Stream:
     touched: float = 0.0
 
 
-def _regexp(text: str | None) -> re.Pattern[str] | None:
-    # The plugin takes these as /.../ strings and drops the slashes without reading flags.
-    if text is None:
-        return None
-    return compile_ruby(text[1:-1] if text.startswith("/") else text)
+def _regexp(text: str | None) -> RubyRegex | None:
+    return None if text is None else compile_slashed(text)
 
 
 class Concat:

@@ -9,20 +9,31 @@ anchored).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from aggregator import metrics
 from aggregator.config.model import Grep as Settings
 from aggregator.config.model import GrepRule
-from aggregator.filters.ruby import accessor, compile_ruby, to_s
+from aggregator.ruby import accessor, compile_ruby, parse_accessor, to_s
 
-Rule = tuple[Callable[[Any], Any], re.Pattern[str]]
+Rule = tuple[str | None, Callable[[Any], Any], Callable[[str], Any]]
+"""A field's key (None: a record accessor's path), how to reach it, its regexp's search."""
 
 
 def _rules(rules: list[GrepRule]) -> list[Rule]:
-    return [(accessor(rule.key), compile_ruby(rule.pattern)) for rule in rules]
+    out: list[Rule] = []
+    for rule in rules:
+        path = parse_accessor(rule.key)
+        key = path[0] if len(path) == 1 and isinstance(path[0], str) else None
+        out.append((key, accessor(rule.key), compile_ruby(rule.pattern).search))
+    return out
+
+
+def _found(rule: Rule, record: dict[str, Any]) -> bool:
+    key, get, search = rule
+    value = record.get(key) if key is not None else get(record)
+    return search(value if type(value) is str else to_s(value)) is not None
 
 
 class Grep:
@@ -35,17 +46,31 @@ class Grep:
         self._not_all = [r for g in settings.and_ for r in _rules(g.exclude)]
 
     def run(self, tag: str, entries: list[Any]) -> list[Any]:
-        kept = [entry for entry in entries if self._keeps(entry[1])]
+        keeps = self._keeps
+        kept = [entry for entry in entries if keeps(entry[1])]
         self._excluded.pending += len(entries) - len(kept)
         return kept
 
     def _keeps(self, record: Any) -> bool:
-        if not isinstance(record, dict):
+        # Loops rather than any()/all() over generators: this runs once per event.
+        if type(record) is not dict:
             return True  # Fluentd logs a failure and lets it through
-        if any(not rx.search(to_s(get(record))) for get, rx in self._all):
-            return False
-        if self._any and not any(rx.search(to_s(get(record))) for get, rx in self._any):
-            return False
-        if self._not_all and all(rx.search(to_s(get(record))) for get, rx in self._not_all):
-            return False
-        return not any(rx.search(to_s(get(record))) for get, rx in self._none)
+        for rule in self._all:
+            if not _found(rule, record):
+                return False
+        if self._any:
+            for rule in self._any:
+                if _found(rule, record):
+                    break
+            else:
+                return False
+        if self._not_all:
+            for rule in self._not_all:
+                if not _found(rule, record):
+                    break
+            else:
+                return False
+        for rule in self._none:  # noqa: SIM110 (the same: no generator per event)
+            if _found(rule, record):
+                return False
+        return True

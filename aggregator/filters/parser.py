@@ -24,7 +24,7 @@ import orjson
 from aggregator import metrics
 from aggregator.config.model import Parser as Settings
 from aggregator.config.model import ParseSettings
-from aggregator.filters.ruby import accessor, compile_ruby, deleter
+from aggregator.ruby import accessor, compile_ruby, deleter
 
 
 class ParseError(ValueError):
@@ -90,9 +90,7 @@ def _parser(settings: ParseSettings) -> Any:
 
         return parse_json
     assert settings.expression is not None
-    expression = compile_ruby(settings.expression)
-    if not expression.groupindex:
-        raise ValueError("parse expression needs at least one named group, (?<name>...)")
+    expression = compile_ruby(settings.expression)  # named groups: checked by the config
 
     def parse_regexp(raw: Any) -> tuple[Any, dict[str, Any]] | None:
         m = expression.search(raw if isinstance(raw, str) else str(raw))

@@ -20,10 +20,10 @@ from typing import Any
 import orjson
 
 from aggregator.config.model import RecordTransformer as Settings
-from aggregator.filters.ruby import deleter, to_s
 from aggregator.logs import Throttle
 from aggregator.protocol.events import event_seconds
 from aggregator.routing import TagCache
+from aggregator.ruby import deleter, to_s
 
 log = logging.getLogger(__name__)
 

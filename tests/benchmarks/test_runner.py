@@ -177,3 +177,32 @@ def test_a_fleet_run_delivers_every_event(tmp_path: Path) -> None:
     assert result.exit_status == 0, out.getvalue()
     assert result.sent.messages == result.sent.events == result.delivered_events > 0
     assert "fleet: a write per message" in out.getvalue()
+
+
+def test_filters_keep_every_event_and_another_checkout_runs_beside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkout = Path(__file__).resolve().parents[2]  # this one, as "another" checkout
+    status = main(["run", "--connections", "2", "--rate", "2000", "--duration", "2",
+                   "--flush-interval", "200ms", "--drain-timeout", "15",
+                   "--filters", "grep,record_transformer,parser,docker_partials",
+                   "--against", f"source={checkout}", "--json", str(tmp_path / "r.json")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert out.count("every event delivered") == 2, out
+    name = "filters grep+record_transformer+parser+docker_partials"
+    assert f"benchmark: aggregator ({name})," in out
+    assert f"benchmark: aggregator ({name}, code of {checkout.name})," in out
+    document = orjson.loads((tmp_path / "r.json").read_bytes())
+    # record_transformer added its fields, the parser its own: records grew
+    assert document["delivered"]["bytes"] > document["sent"]["events"] * 300
+
+
+def test_against_names_what_it_changes(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("filters=sed", "source=/nonexistent", "colour=blue"):
+        with pytest.raises(SystemExit) as exited:
+            main(["run", "--against", bad])
+        assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "filters are grep, record_transformer, parser, docker_partials" in err
+    assert "/nonexistent holds no aggregator package" in err

@@ -119,6 +119,24 @@ def test_bad_pattern() -> None:
     assert "routes.0" in error_of(MINIMAL.replace('match = "**"', 'match = "a.{b"'))
 
 
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ('type = "grep"\nregexp = [{ key = "a", pattern = \'/\\p{Alpha}/\' }]',
+         "filters.0.regexp.0.pattern: regexp /\\p{Alpha}/: \\p{...} has no Python equivalent"),
+        ('type = "parser"\nkey_name = "log"\nparse = { type = "regexp", expression = "/(a/" }',
+         "filters.0.parse.expression: regexp /(a/: missing )"),
+        ('type = "parser"\nkey_name = "log"\nparse = { type = "regexp", expression = "/a/" }',
+         "at least one named group"),
+        ('type = "concat"\nkey = "log"\nmultiline_start_regexp = "/[[:nope:]]/"',
+         "[:nope:] is not supported"),
+    ],
+)  # fmt: skip
+def test_a_filter_regexp_that_cannot_run_is_a_config_error(table: str, expected: str) -> None:
+    text = MINIMAL + f'\n[[filters]]\nmatch = "**"\n{table}\n'
+    assert expected in error_of(text)
+
+
 def test_secondary_must_exist_and_not_chain() -> None:
     text = MINIMAL.replace('type = "null"', 'type = "null"\nsecondary = "ghost"')
     assert "destinations.out.secondary: unknown destination 'ghost'" in error_of(text)

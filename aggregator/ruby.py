@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -32,9 +32,31 @@ _UNSUPPORTED = {"G": r"\G", "K": r"\K", "X": r"\X", "p": r"\p{...}", "P": r"\P{.
                 "g": r"\g<...>"}  # fmt: skip
 
 
-def compile_ruby(text: str) -> re.Pattern[str]:
-    """A Fluentd ``regexp`` parameter: ``/pattern/flags`` (i, m) or a bare pattern, compiled as
-    Ruby reads it."""
+class RubyRegex:
+    """A Ruby regexp, compiled: ``search(text)`` is Ruby's ``=~``.
+
+    Ruby's ``^`` and ``$`` match at every line end, which is Python's MULTILINE; but a search
+    with MULTILINE tries a ``^`` at every position of the text (a 300-byte log line: six times
+    the time). A text without a newline has one line, where both read alike: it is searched
+    without MULTILINE."""
+
+    __slots__ = ("pattern", "search")
+
+    def __init__(self, source: str, flags: int) -> None:
+        self.pattern = re.compile(source, flags | re.MULTILINE)
+        self.search: Callable[[str], re.Match[str] | None] = self.pattern.search
+        if "^" in source or "$" in source:  # else MULTILINE changes nothing
+            lines, line = self.pattern.search, re.compile(source, flags).search
+            self.search = lambda text: (lines if "\n" in text else line)(text)
+
+    @property
+    def groupindex(self) -> Mapping[str, int]:
+        return self.pattern.groupindex
+
+
+def compile_ruby(text: str) -> RubyRegex:
+    """A Fluentd ``regexp`` parameter: ``/pattern/flags`` (i, m, x) or a bare pattern, compiled
+    as Ruby reads it."""
     source, flags = text, 0
     if text.startswith("/"):
         end = text.rfind("/")
@@ -49,9 +71,15 @@ def compile_ruby(text: str) -> re.Pattern[str]:
         if "x" in options:
             flags |= re.VERBOSE
     try:
-        return re.compile(translate(source), flags | re.MULTILINE)
+        return RubyRegex(translate(source), flags)
     except re.error as exc:
-        raise RubyRegexError(f"regexp {text!r}: {exc}") from None
+        raise RubyRegexError(f"regexp {text}: {exc}") from None
+
+
+def compile_slashed(text: str) -> RubyRegex:
+    """fluent-plugin-concat's regexps: ``/.../`` strings whose slashes it drops without reading
+    flags."""
+    return compile_ruby(text[1:-1] if text.startswith("/") and len(text) > 1 else text)
 
 
 def translate(source: str) -> str:
@@ -64,7 +92,7 @@ def translate(source: str) -> str:
         if ch == "\\" and i + 1 < n:
             nxt = source[i + 1]
             if nxt in _UNSUPPORTED:
-                raise RubyRegexError(f"regexp {source!r}: {_UNSUPPORTED[nxt]} has no Python "
+                raise RubyRegexError(f"regexp /{source}/: {_UNSUPPORTED[nxt]} has no Python "
                                      "equivalent")  # fmt: skip
             if nxt == "k" and source.startswith("<", i + 2):  # \k<name>: a back reference
                 end = source.index(">", i + 3)
@@ -85,12 +113,12 @@ def translate(source: str) -> str:
                 name = source[i + 2 : end] if end > 0 else ""
                 negate = name.startswith("^")
                 if negate or name not in _POSIX:
-                    raise RubyRegexError(f"regexp {source!r}: [:{name}:] is not supported")
+                    raise RubyRegexError(f"regexp /{source}/: [:{name}:] is not supported")
                 out.append(_POSIX[name])
                 i = end + 2
                 continue
             if source.startswith("&&", i):
-                raise RubyRegexError(f"regexp {source!r}: class intersection (&&) is not "
+                raise RubyRegexError(f"regexp /{source}/: class intersection (&&) is not "
                                      "supported")  # fmt: skip
             if ch == "[":
                 in_class += 1

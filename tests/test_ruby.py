@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aggregator.filters.ruby import (
+from aggregator.ruby import (
     RubyRegexError,
     accessor,
     compile_ruby,
@@ -18,6 +18,10 @@ from aggregator.filters.ruby import (
     ("pattern", "text", "found"),
     [
         ("/^error/", "ok\nerror: x", True),  # ^ matches at every line, as in Ruby
+        ("/^error/", "ok error: x", False),  # (searched without MULTILINE: one line)
+        ("/ok$/", "ok\nerror: x", True),
+        ("/ok$/", "ok error", False),
+        ("/ok$/", "is ok", True),
         ("/^ERROR/i", "error", True),
         ("/a.b/", "a\nb", False),
         ("/a.b/m", "a\nb", True),  # Ruby's m is Python's DOTALL
