@@ -186,7 +186,8 @@ def test_filters_keep_every_event_and_another_checkout_runs_beside(
     status = main(["run", "--connections", "2", "--rate", "2000", "--duration", "2",
                    "--flush-interval", "200ms", "--drain-timeout", "15",
                    "--filters", "grep,record_transformer,parser,docker_partials",
-                   "--against", f"source={checkout}", "--json", str(tmp_path / "r.json")])  # fmt: skip
+                   "--against", f"source={checkout}",
+                   "--json", str(tmp_path / "r.json")])  # fmt: skip
     out = capsys.readouterr().out
     assert status == 0, out
     assert out.count("every event delivered") == 2, out
