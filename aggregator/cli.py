@@ -11,7 +11,13 @@ from collections.abc import Sequence
 
 from aggregator import __version__, logs, process
 from aggregator.config import Config, ConfigError, fluentd, parse, read, writer
-from aggregator.config.model import FileDestination, FirehoseDestination, ForwardSource, Source
+from aggregator.config.model import (
+    FileDestination,
+    FirehoseDestination,
+    ForwardDestination,
+    ForwardSource,
+    Source,
+)
 from aggregator.process import EXIT_CONFIG, EXIT_OK
 
 DEFAULT_CONFIG = "conf/aggregator.toml"
@@ -65,6 +71,13 @@ def describe(config: Config) -> str:
             detail = f"stream {dest.delivery_stream!r} ({region}{endpoint}), {packing}"
         elif isinstance(dest, FileDestination):
             detail = f"directory {dest.path!r}"
+        elif isinstance(dest, ForwardDestination):
+            servers = ", ".join(f"{s.host}:{s.port}" + (" (standby)" if s.standby else "")
+                                for s in dest.servers)  # fmt: skip
+            guards = [("tls" if dest.tls else "no tls"),
+                      ("handshake" if dest.security else "no handshake"),
+                      ("acks" if dest.require_ack_response else "no acks")]  # fmt: skip
+            detail = f"servers {servers} ({'; '.join(guards)})"
         b = dest.buffer
         lines.append(f"  {name:<12} {dest.type:<9} {detail}".rstrip())
         where = f"file in {b.path!r}, fsync {b.fsync}" if b.type == "file" else "memory"

@@ -1,7 +1,8 @@
 """The hand-off: at stop, events that cannot be delivered in time go to the tasks still running.
 
 A stopping worker sends them to ``[server] handoff`` (on ECS, the service's own load balancer)
-with the forward protocol, as Fluentd's out_forward would: CompressedPackedForward messages,
+through the forward client (TLS and the handshake when the port asks for them, as the forward
+source there does by default), as Fluentd's out_forward would: CompressedPackedForward messages,
 tags kept, each with a ``chunk`` id, and an event counts as handed off only once its message is
 acknowledged. Messages are built as they are sent, at most :data:`MAX_UNACKED` ahead of their
 acks, so a large buffer (a file buffer's backlog) is handed off in bounded memory. A connection
@@ -13,45 +14,18 @@ listeners are closed by then, so the load balancer cannot bring the events back 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Iterator
 
-import msgpack
-
-from aggregator.protocol import encode_packed_forward, new_chunk_id
+from aggregator.forward_client import Connection, Parcel, Peer
 
 log = logging.getLogger(__name__)
 
-MESSAGE_EVENTS = 1000
-"""Events per forward message: small enough that one refused message costs little to resend,
-large enough that gzip and the per-message round trip pay off."""
 MAX_UNACKED = 64
-"""Messages sent and not yet acknowledged, at most (about MESSAGE_EVENTS events each)."""
+"""Messages sent and not yet acknowledged, at most (MESSAGE_EVENTS events each, at most)."""
 RECONNECT_DELAY = 0.2
 """Seconds between two connection attempts to the hand-off address."""
-
-
-@dataclass(slots=True)
-class Parcel:
-    """One forward message of the hand-off."""
-
-    count: int
-    payload: bytes
-    chunk: str
-    acked: bool = False
-    on_ack: Callable[[], None] | None = None
-
-    @classmethod
-    def of(
-        cls, tag: str, entries: Sequence[Sequence[Any]], on_ack: Callable[[], None] | None = None
-    ) -> Parcel:
-        chunk = new_chunk_id()
-        payload = encode_packed_forward(tag, entries, chunk=chunk, compressed=True)
-        return cls(len(entries), payload, chunk, on_ack=on_ack)
 
 
 class _Flow:
@@ -90,49 +64,48 @@ class _Flow:
         self.room.set()
 
 
-async def hand_off(address: tuple[str, int], parcels: Iterable[Parcel], until: float) -> None:
-    """Send the parcels ``parcels`` yields to ``address`` until each is acknowledged
+async def hand_off(peer: Peer, parcels: Iterable[Parcel], until: float) -> None:
+    """Send the parcels ``parcels`` yields to ``peer`` until each is acknowledged
     (``Parcel.acked``, and its ``on_ack``) or the monotonic time ``until`` passes."""
-    host, port = address
     flow = _Flow(parcels)
     tries = 0
     while not flow.done and time.monotonic() < until:
         tries += 1
         try:
             async with asyncio.timeout(until - time.monotonic()):
-                await _send(host, port, flow)
+                await _send(peer, flow)
         except TimeoutError:
             break
-        except (OSError, ValueError) as exc:  # refused, reset, or a reply that is not an ack
+        except (OSError, ValueError) as exc:  # refused, reset, TLS, handshake, not an ack
             log.warning(
                 "hand-off connection failed; trying again",
-                extra={"address": f"{host}:{port}", "error": str(exc), "attempt": tries},
+                extra={"address": peer.address, "error": str(exc), "attempt": tries},
             )
             await asyncio.sleep(max(0.0, min(RECONNECT_DELAY, until - time.monotonic())))
     if not flow.done:
         log.error(
             "hand-off incomplete",
-            extra={"address": f"{host}:{port}", "handed_off": flow.acked,
+            extra={"address": peer.address, "handed_off": flow.acked,
                    "unacknowledged": sum(p.count for p in flow.unacked.values()),
                    "all_sent": flow.exhausted},
         )  # fmt: skip
     elif flow.acked:
-        log.info("handed off", extra={"address": f"{host}:{port}", "events": flow.acked})
+        log.info("handed off", extra={"address": peer.address, "events": flow.acked})
 
 
-async def _send(host: str, port: int, flow: _Flow) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
+async def _send(peer: Peer, flow: _Flow) -> None:
+    connection = await Connection.open(peer)
     loop = asyncio.get_running_loop()
-    acks = loop.create_task(_read_acks(reader, flow))
+    acks = loop.create_task(_read_acks(connection, flow))
     try:
         for parcel in list(flow.unacked.values()):  # what the last connection left unacked
-            writer.write(parcel.payload)
-            await writer.drain()
+            connection.write(parcel.payload)
+            await connection.drain()
         while not flow.done and not acks.done():
             sent = flow.next()
             if sent is not None:
-                writer.write(sent.payload)
-                await writer.drain()
+                connection.write(sent.payload)
+                await connection.drain()
                 continue
             if flow.done:
                 break
@@ -144,19 +117,15 @@ async def _send(host: str, port: int, flow: _Flow) -> None:
             acks.result()  # the peer went away: its error
     finally:
         acks.cancel()
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await connection.close()
 
 
-async def _read_acks(reader: asyncio.StreamReader, flow: _Flow) -> None:
-    unpacker = msgpack.Unpacker(raw=False)
+async def _read_acks(connection: Connection, flow: _Flow) -> None:
     while not flow.done:
-        data = await reader.read(65536)
-        if not data:
+        try:
+            reply = await connection.reply()
+        except ConnectionResetError:
             raise ConnectionResetError(
                 f"closed with {len(flow.unacked)} messages unacknowledged"
-            )
-        unpacker.feed(data)
-        for reply in unpacker:
-            flow.ack(reply.get("ack") if isinstance(reply, dict) else reply)
+            ) from None
+        flow.ack(reply.get("ack") if isinstance(reply, dict) else reply)

@@ -22,8 +22,9 @@ from aggregator.admission import Admission, Refused, Sender, Shares, Tenant, Wai
 from aggregator.config.model import Config
 from aggregator.filters import FilterChain, Filters
 from aggregator.flusher import Flusher
-from aggregator.formatting import Formatter, InvalidEvent
-from aggregator.handoff import MESSAGE_EVENTS, Parcel, hand_off
+from aggregator.formatting import Formatter, InvalidEvent, build_formatter
+from aggregator.forward_client import MESSAGE_EVENTS, Parcel, Peer
+from aggregator.handoff import hand_off
 from aggregator.logs import Throttle
 from aggregator.routing import Router, TagCache
 from aggregator.sinks import build_sink
@@ -112,7 +113,7 @@ class Pipeline:
             sink = build_sink(name, settings, worker)
             flusher = Flusher(name, settings.buffer, store, sink, secondary)
             shares = Shares(flusher, self.admission.tenants)
-            self.destinations[name] = Destination(name, Formatter(settings.inject), flusher,
+            self.destinations[name] = Destination(name, build_formatter(settings), flusher,
                                                   shares)  # fmt: skip
         # One router per label (Fluentd's <label>): a source sees only its label's routes.
         self._tickets: dict[str | None, TagCache[Ticket | Refused | None]] = {}
@@ -260,7 +261,7 @@ class Pipeline:
     def has_secondary(self) -> bool:
         return any(d.secondary for d in self.config.destinations.values())
 
-    async def close(self, plan: StopPlan, handoff: tuple[str, int] | None = None) -> list[str]:
+    async def close(self, plan: StopPlan, handoff: Peer | None = None) -> list[str]:
         """Flush every buffer until ``plan.flush_until``; hand what is left to ``handoff`` until
         ``plan.handoff_until``; then to the secondaries, which write until ``plan.end``, except
         what file buffers keep on disk. Returns what they kept, one line each."""
@@ -278,15 +279,13 @@ class Pipeline:
         kept += [await flusher.release() for flusher in last]
         return [line for line in kept if line]
 
-    async def _hand_off(
-        self, address: tuple[str, int], primaries: list[Destination], until: float
-    ) -> None:
+    async def _hand_off(self, peer: Peer, primaries: list[Destination], until: float) -> None:
         """Hand off what the primaries' stores hold, chunk by chunk as acks come back; a chunk
         not wholly acknowledged in time goes back to its store with what is left of it."""
         unfinished: set[_HandedChunk] = set()
         parcels = self._parcels(primaries, unfinished)
         try:
-            await hand_off(address, parcels, until)
+            await hand_off(peer, parcels, until)
         finally:
             parcels.close()
         for handed in unfinished:

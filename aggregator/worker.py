@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from aggregator import logs, metrics, process
 from aggregator.config import ConfigError, load
 from aggregator.config.model import Config, ForwardSource
+from aggregator.forward_client import handoff_peer
 from aggregator.pipeline import Pipeline
 from aggregator.process import EXIT_CONFIG, EXIT_FORCED, EXIT_OK, EXIT_UNDELIVERED
 from aggregator.sources import Listener
@@ -64,6 +65,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._stopping = False
         self.supervised = False
+        self._handoff = handoff_peer(config)  # at start: a TLS file that cannot be read says so
 
     async def start(self, listeners: Sequence[Listener] | None = None) -> None:
         """Start the pipeline, then the sources: on the given sockets (one per source, in config
@@ -117,7 +119,7 @@ class Worker:
         await asyncio.gather(*(s.drain(plan.drain_until) for s in self.sources))
         flush_s = round(plan.flush_until - started, 1)
         log.info("stopping: flushing buffers", extra={"flush_s": flush_s})
-        kept = await self.pipeline.close(plan, server.handoff_address)
+        kept = await self.pipeline.close(plan, self._handoff)
         elapsed = round(time.monotonic() - started, 3)
         dropped = sum(b.dropped for b in buffers)
         diverted = sum(b.diverted for b in buffers)

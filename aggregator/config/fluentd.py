@@ -435,6 +435,51 @@ _FIREHOSE = Section(
         "debug": "use [server] log_level = \"debug\"",
     },
 )
+_FOUND_BY_FAILURE = "a server that fails is found by the failure itself and tried again after " \
+    "recover_wait"
+_FORWARD_OUTPUT = Section(
+    rules={
+        "require_ack_response": ("require_ack_response", fluent_bool),
+        "ack_response_timeout": ("ack_response_timeout", fluent_time),
+        "compress": ("compress", _text), "keepalive": ("keepalive", fluent_bool),
+        "send_timeout": ("send_timeout", fluent_time),
+        "connect_timeout": ("connect_timeout", fluent_time),
+        "recover_wait": ("recover_wait", fluent_time),
+        # read into tls by _forward_output
+        "transport": ("transport", _text), "tls_version": ("min_version", _tls_version),
+        "tls_ca_cert_path": ("ca_path", fluent_array), "tls_cert_path": ("ca_path", fluent_array),
+        "tls_verify_hostname": ("verify_hostname", fluent_bool),
+        "tls_insecure_mode": ("insecure", fluent_bool),
+        "tls_client_cert_path": ("cert_path", _text),
+        "tls_client_private_key_path": ("private_key_path", _text),
+    },
+    ignored={
+        **_COMMON_IGNORED,
+        "heartbeat_type": _FOUND_BY_FAILURE, "heartbeat_interval": _FOUND_BY_FAILURE,
+        "phi_threshold": _FOUND_BY_FAILURE, "phi_failure_detector": _FOUND_BY_FAILURE,
+        "hard_timeout": _FOUND_BY_FAILURE,
+        "expire_dns_cache": "names are resolved at each connection",
+        "dns_round_robin": "names are resolved at each connection, by the system's resolver",
+        "ignore_network_errors_at_startup": "a server down at start is one down like any other",
+        "verify_connection_at_startup": "a server down at start is one down like any other",
+        "keepalive_timeout": "a kept-alive connection the server closed is not used again",
+        "read_interval_msec": "acks are read as they come", "read_length": "",
+        "tls_ciphers": "OpenSSL's default ciphers",
+    },
+)
+_FORWARD_TLS = ("min_version", "ca_path", "verify_hostname", "insecure", "cert_path",
+                "private_key_path")  # fmt: skip
+_FORWARD_SERVER = Section(
+    rules={
+        "host": ("host", _text), "port": ("port", fluent_int), "name": ("name", _text),
+        "shared_key": ("shared_key", _text), "username": ("username", _text),
+        "password": ("password", _text), "standby": ("standby", fluent_bool),
+        "weight": ("weight", fluent_int),
+    },
+)
+_FORWARD_SECURITY = Section(
+    rules={"self_hostname": ("self_hostname", _text), "shared_key": ("shared_key", _text)}
+)
 _SIMPLE_OUTPUT = Section(rules={}, ignored=dict(_COMMON_IGNORED))
 _FILTER_IGNORED = dict(_COMMON_IGNORED)
 _RECORD_TRANSFORMER = Section(
@@ -753,9 +798,11 @@ class Converter:
             self._sections(d, dest, kind, ("buffer", "inject"))
         elif kind == "file":
             dest = self._file(d)
+        elif kind == "forward":
+            dest = self._forward_output(d, name)
         else:
             raise ConfigError(f"{d.where}: <match> @type {kind} is not supported: outputs are "
-                              "kinesis_firehose, file, stdout and null")  # fmt: skip
+                              "kinesis_firehose, forward, file, stdout and null")  # fmt: skip
         self.data["destinations"][name] = dest
         route: dict[str, Any] = {"match": d.arg, "destination": name}
         if label is not None:
@@ -780,6 +827,42 @@ class Converter:
             raise ConfigError(f"{d.where}: kinesis_firehose needs delivery_stream_name")
         self._sections(d, dest, "kinesis_firehose", ("buffer", "secondary", "inject", "format"),
                        name)  # fmt: skip
+        return dest
+
+    def _forward_output(self, d: Directive, name: str) -> dict[str, Any]:
+        for key in ("tls_allow_self_signed_cert", "tls_client_private_key_passphrase"):
+            if key in d.params and d.params[key].value not in ("", "false"):
+                raise ConfigError(f"{d.params[key].where}: {key} is not supported: give the "
+                                  "server's certificate itself as tls_ca_cert_path, and a key "
+                                  "without a passphrase")  # fmt: skip
+        for key in ("host", "port"):
+            if key in d.params:
+                raise ConfigError(f"{d.params[key].where}: {key} is obsolete in out_forward: "
+                                  "use a <server> section")  # fmt: skip
+        dest = {"type": "forward", **self._params(d, _FORWARD_OUTPUT, "<match> forward")}
+        tls = {key: dest.pop(key) for key in _FORWARD_TLS if key in dest}
+        if "ca_path" in tls:
+            if len(tls["ca_path"]) != 1:
+                raise ConfigError(f"{d.params['tls_ca_cert_path'].where}: one CA file, please "
+                                  "(a bundle may hold several certificates)")  # fmt: skip
+            tls["ca_path"] = tls["ca_path"][0]
+        if dest.pop("transport", "tcp") == "tls":
+            dest["tls"] = tls
+        elif tls:
+            self._warn(d.where, "tls_* parameters ignored: transport is not tls")
+        servers, others = [], []
+        for child in d.children:
+            if child.name == "server":
+                servers.append(self._params(child, _FORWARD_SERVER, "<server>"))
+            elif child.name == "security":
+                dest["security"] = self._params(child, _FORWARD_SECURITY, "<security>")
+            else:
+                others.append(child)
+        if not servers:
+            raise ConfigError(f"{d.where}: a forward output needs a <server>")
+        dest["servers"] = servers
+        self._sections(Directive(d.name, d.arg, d.where, d.params, others), dest, "forward",
+                       ("buffer", "secondary", "inject"), name)  # fmt: skip
         return dest
 
     def _file(self, d: Directive) -> dict[str, Any]:

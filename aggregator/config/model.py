@@ -617,8 +617,85 @@ class NullDestination(DestinationBase):
     type: Literal["null"]
 
 
+class ForwardPeer(Strict):
+    """One server of a forward destination (out_forward's <server>)."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(24224, ge=1, le=65535)
+    name: str | None = Field(None, description="For logs (default: host:port).")
+    shared_key: str | None = Field(None, description="This server's, over security.shared_key.")
+    username: str = Field("", description="For a server with user_auth.")
+    password: str = ""
+    standby: bool = Field(False, description="Used only while no other server is up.")
+    weight: int = Field(60, ge=0, description="Share of the chunks, among the servers up.")
+
+
+class ForwardClientSecurity(Strict):
+    """The client's side of Fluentd's <security> handshake (out_forward's <security>)."""
+
+    self_hostname: str = Field(min_length=1, description="Our name in the handshake.")
+    shared_key: str = Field(min_length=1)
+    username: str = Field("", description="For servers with user_auth (a server's own wins).")
+    password: str = ""
+
+
+class ForwardClientTls(Strict):
+    """TLS to the servers (out_forward's transport tls)."""
+
+    ca_path: str | None = Field(
+        None, description="CA bundle (or the server's own certificate) to trust; unset: the "
+        "system's CAs."
+    )  # fmt: skip
+    ca_pem: str | None = Field(None, description="The same as PEM text, e.g. from a secret.")
+    verify_hostname: bool = Field(True, description="The certificate must name the server.")
+    insecure: bool = Field(False, description="Encrypt, but verify nothing (tls_insecure_mode).")
+    server_hostname: str | None = Field(
+        None, description="The name the certificate must have (default: the server's host)."
+    )
+    cert_path: str | None = Field(None, description="A client certificate, for mutual TLS.")
+    private_key_path: str | None = None
+    cert_pem: str | None = None
+    private_key_pem: str | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ForwardClientTls:
+        if (self.cert_path is None) != (self.private_key_path is None):
+            raise ValueError("cert_path and private_key_path go together")
+        if bool(self.cert_pem) != bool(self.private_key_pem):
+            raise ValueError("cert_pem and private_key_pem go together")
+        if self.cert_path is not None and self.cert_pem:
+            raise ValueError("a client certificate from files or from PEM text, not both")
+        return self
+
+
+class ForwardDestination(DestinationBase):
+    """Another Fluentd-compatible server, over the forward protocol (Fluentd's out_forward)."""
+
+    type: Literal["forward"]
+    servers: list[ForwardPeer] = Field(min_length=1)
+    require_ack_response: bool = Field(
+        False, description="A chunk is delivered once the server acknowledges it (else: once "
+        "written to the connection)."
+    )  # fmt: skip
+    ack_response_timeout: Duration = Field(190.0, gt=0, description="No ack by then: resent.")
+    compress: Literal["text", "gzip"] = Field("text", description="gzip: CompressedPackedForward.")
+    security: ForwardClientSecurity | None = None
+    tls: ForwardClientTls | None = None
+    connect_timeout: Duration = Field(10.0, gt=0, description="Connecting, TLS and handshake.")
+    send_timeout: Duration = Field(60.0, gt=0, description="Writing one chunk.")
+    recover_wait: Duration = Field(
+        10.0, ge=0, description="A server that failed is tried again after this long."
+    )
+    keepalive: bool = Field(
+        False, description="Keep connections open for the next chunks (else one per chunk, "
+        "as out_forward's default)."
+    )  # fmt: skip
+
+
 Destination = Annotated[
-    FirehoseDestination | FileDestination | StdoutDestination | NullDestination,
+    FirehoseDestination | FileDestination | StdoutDestination | NullDestination
+    | ForwardDestination,
     Field(discriminator="type"),
 ]
 
@@ -658,6 +735,18 @@ class Server(Strict):
         "deliver in time (on ECS: the service's own NLB name, which reaches the tasks still "
         "running). Events count as handed off once acknowledged. Unset: straight to the "
         "secondary.",
+    )
+    handoff_security: ForwardClientSecurity | None = Field(
+        None,
+        description="The handshake for the hand-off. Unset: that of the forward source on the "
+        "hand-off's port (else the first with one): its shared key, its first user when it has "
+        "user_auth.",
+    )
+    handoff_tls: ForwardClientTls | None = Field(
+        None,
+        description="TLS for the hand-off. Unset: when that forward source speaks TLS, TLS "
+        "trusting exactly its certificate (no host name check: the load balancer's name need "
+        "not be in it).",
     )
     workers: int = Field(
         default_factory=available_cpus,

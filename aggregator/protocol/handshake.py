@@ -1,7 +1,8 @@
-"""The server side of the forward protocol's ``<security>`` handshake, sans-IO.
+"""The forward protocol's ``<security>`` handshake, both sides, sans-IO.
 
-As Fluentd's in_forward does it, so that its out_forward (and Fluent Bit's forward output) can
-authenticate to us::
+The server side as Fluentd's in_forward does it, so that its out_forward (and Fluent Bit's
+forward output) can authenticate to us; the client side as out_forward does it, so that the
+forward destination and the hand-off can authenticate to them (and to us)::
 
     server → HELO  ["HELO", {"nonce": 16 bytes, "auth": 16 bytes, "keepalive": true}]
     client → PING  ["PING", hostname, salt, sha512_hex(salt + hostname + nonce + shared_key),
@@ -13,7 +14,8 @@ authenticate to us::
 The client's username and password are checked only with ``user_auth``; ``clients`` narrow who
 may connect (by address or network) and may give each its own shared key and users. Only after
 a good PING does the connection carry events. Bytes in: raw decoded objects; bytes out: the
-replies; nothing here touches sockets or clocks.
+replies; nothing here touches sockets or clocks. The client checks the server's PONG in turn:
+its digest proves that the server knows the shared key too.
 """
 
 from __future__ import annotations
@@ -156,6 +158,58 @@ class ServerHandshake:
             if hmac.compare_digest(digest.encode(), expected.encode()):
                 return True
         return False
+
+
+class HandshakeError(ValueError):
+    """The server refused us, or answered what a Fluentd server would not."""
+
+
+class ClientHandshake:
+    """The client's side: feed the server's HELO to :meth:`ping` and send what it returns,
+    then feed the PONG to :meth:`check_pong`. Both raise :class:`HandshakeError`."""
+
+    def __init__(
+        self,
+        self_hostname: str,
+        shared_key: str,
+        username: str = "",
+        password: str = "",
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self._hostname = self_hostname
+        self._shared_key = shared_key
+        self._username = username
+        self._password = password
+        self._salt = random_bytes(NONCE_BYTES).hex()  # as out_forward: 32 hex characters
+        self._nonce: bytes | str = b""
+
+    def ping(self, helo: Any) -> bytes:
+        if not (isinstance(helo, list | tuple) and len(helo) == 2 and _text(helo[0]) == "HELO"):
+            raise HandshakeError(f"expected HELO from the server, got {helo!r:.100}")
+        options = helo[1] if isinstance(helo[1], dict) else {}
+        self._nonce = options.get("nonce") or b""
+        auth = options.get("auth") or b""
+        digest = _sha512_hex(self._salt, self._hostname, self._nonce, self._shared_key)
+        ping: list[Any] = ["PING", self._hostname, self._salt, digest, "", ""]
+        if auth:  # the server asks every client for a user (in_forward's user_auth salt)
+            ping[4:] = [self._username, _sha512_hex(auth, self._username, self._password)]
+        return _pack(ping)
+
+    def check_pong(self, pong: Any) -> None:
+        if not (isinstance(pong, list | tuple) and len(pong) == 5 and _text(pong[0]) == "PONG"):
+            raise HandshakeError(f"expected PONG from the server, got {pong!r:.100}")
+        _, ok, reason, hostname, digest = pong
+        if ok is not True:
+            why = _text(reason) or repr(reason)
+            raise HandshakeError(f"the server refused us: {why[:200]}")
+        hostname = _text(hostname) or ""
+        if hostname == self._hostname:
+            raise HandshakeError(f"the server's self_hostname is ours too ({hostname!r}): a "
+                                 "forward loop, or two ends configured alike")  # fmt: skip
+        expected = _sha512_hex(self._salt, hostname, self._nonce, self._shared_key)
+        if not hmac.compare_digest((_text(digest) or "").encode(), expected.encode()):
+            raise HandshakeError("the server's PONG does not prove the shared key: shared key "
+                                 "mismatch")  # fmt: skip
 
 
 def _pack(obj: Any) -> bytes:

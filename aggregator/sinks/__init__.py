@@ -6,6 +6,7 @@ from aggregator.config.model import (
     Destination,
     FileDestination,
     FirehoseDestination,
+    ForwardDestination,
     NullDestination,
     StdoutDestination,
 )
@@ -26,6 +27,10 @@ def build_sink(name: str, settings: Destination, worker: int = 0) -> Sink:
         from aggregator.sinks.stdout import StdoutSink
 
         return StdoutSink()
+    if isinstance(settings, ForwardDestination):
+        from aggregator.sinks.forward import ForwardSink
+
+        return ForwardSink(name, settings)
     if isinstance(settings, NullDestination):
         from aggregator.sinks.null import NullSink
 

@@ -40,8 +40,8 @@ from aggregator.protocol.handshake import Client, Security, ServerHandshake, Use
 from aggregator.sources import Listener
 from aggregator.sources.connections import ConnectionSet
 from aggregator.sources.tcp import reset_if_drained, reset_now, set_keepalive
-from aggregator.sources.tls import server_context
 from aggregator.stores import Commit
+from aggregator.tls import server_context
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,17 @@ import pytest
 from aggregator.cli import main
 from aggregator.config import ConfigError, loads, parse, read
 from aggregator.config.fluentd import convert_file, fluent_size, fluent_time
-from aggregator.config.model import FileDestination, FirehoseDestination, ForwardSource
+from aggregator.config.model import (
+    Concat,
+    FileDestination,
+    FirehoseDestination,
+    ForwardDestination,
+    ForwardSource,
+)
 from aggregator.config.writer import to_toml
 
 BLOG = Path(__file__).parent / "fluentd" / "aws-blog.conf"
+FORWARD_TIER = Path(__file__).parent / "fluentd" / "forward-tier.conf"
 
 
 def convert(
@@ -439,3 +446,39 @@ def test_env_defaults_written_with_or_and_monitoring_sources(tmp_path: Path) -> 
     assert parse(data, env={"FLUENT_WORKERS": "2"}).server.workers == 2
     assert any(":4: <source> @type monitor_agent ignored" in w and "/metrics" in w
                for w in warnings)  # fmt: skip
+
+
+def test_a_forward_output_converts_with_its_servers_tls_security_and_include() -> None:
+    env = {"FORWARD_SHARED_KEY": "k3y", "CENTRAL_PASSWORD": "pw"}
+    config, warnings = read(FORWARD_TIER, env=env)
+    (concat,) = config.filters
+    assert isinstance(concat, Concat) and concat.use_partial_metadata
+    central = config.destinations["to_central"]
+    assert isinstance(central, ForwardDestination)
+    assert (central.require_ack_response, central.ack_response_timeout, central.compress) == (
+        True, 30.0, "gzip")  # fmt: skip
+    assert central.tls is not None and central.tls.ca_path == "/etc/fluent/ca.pem"
+    assert central.security is not None
+    assert (central.security.self_hostname, central.security.shared_key) == ("edge", "k3y")
+    a, b = central.servers
+    assert (a.name, a.host, a.port, a.weight, a.standby) == (
+        "central-a", "central-a.logging.internal", 24224, 60, False)  # fmt: skip
+    assert (b.host, b.port, b.standby, b.username, b.password) == (
+        "central-b.logging.internal", 24224, True, "edge", "pw")  # fmt: skip
+    assert central.buffer.type == "file" and central.secondary == "to_central_secondary"
+    assert any("central.conf:10: <match> forward: heartbeat_type ignored" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("  tls_allow_self_signed_cert true\n", ":3: tls_allow_self_signed_cert is not supported"),
+        ("  host 10.0.0.1\n", ":3: host is obsolete in out_forward: use a <server> section"),
+        ("  transport tls\n  tls_ca_cert_path a.pem,b.pem\n", ":4: one CA file"),
+    ],
+)
+def test_what_a_forward_output_cannot_do_is_named(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    conf = f"<match **>\n  @type forward\n{text}  <server>\n    host h\n  </server>\n</match>\n"
+    assert expected in error(tmp_path, conf)

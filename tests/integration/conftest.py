@@ -207,3 +207,59 @@ inject = { tag_key = "tag", time_key = "time", time_format = "epoch" }
 buffer = { flush_interval = "100ms" }
 """
 )
+
+
+FLUENTD = Path(__file__).resolve().parents[3] / "shared" / "peers" / "fluentd" / "bin" / "fluentd"
+"""Fluentd 1.16 with the Kinesis plugin and fluent-plugin-concat, beside this checkout (the
+Makefile installs its Debian packages)."""
+
+
+def _fluentd_runs() -> bool:
+    if not FLUENTD.exists():
+        return False
+    try:
+        return subprocess.run([str(FLUENTD), "--version"], capture_output=True,
+                              timeout=30).returncode == 0  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+needs_fluentd = pytest.mark.skipif(not _fluentd_runs(), reason=f"no Fluentd at {FLUENTD}")
+
+StartFluentd = Callable[[Path, dict[str, str]], int]
+
+
+@pytest.fixture
+def fluentd(tmp_path: Path) -> Iterator[StartFluentd]:
+    """Starts Fluentd on a fluent.conf whose forward source's port is "#{ENV['FORWARD_PORT']}";
+    returns that port once it listens."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(conf: Path, env: dict[str, str]) -> int:
+        port = free_port()
+        log = tmp_path / f"fluentd-{len(started)}.log"
+        proc = subprocess.Popen(
+            [str(FLUENTD), "-c", str(conf), "--no-supervisor"],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            env={**os.environ, **env, "FORWARD_PORT": str(port)},
+        )  # fmt: skip
+        started.append(proc)
+        assert wait_for(lambda: proc.poll() is not None or _listening(port), 60), log.read_text()
+        assert proc.poll() is None, log.read_text()
+        return port
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False

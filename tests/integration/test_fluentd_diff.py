@@ -8,72 +8,22 @@ packages when it is)."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import orjson
-import pytest
 
 from aggregator.emulator import EmulatorThread
 from aggregator.protocol import encode_message, new_chunk_id
-from tests.integration.conftest import StartAggregator, free_port, wait_for
+from tests.integration.conftest import StartAggregator, StartFluentd, needs_fluentd, wait_for
 
-FLUENTD = Path(__file__).resolve().parents[3] / "shared" / "peers" / "fluentd" / "bin" / "fluentd"
 FIXTURES = Path(__file__).parents[1] / "config" / "fluentd"
 
-
-def fluentd_runs() -> bool:
-    if not FLUENTD.exists():
-        return False
-    try:
-        return subprocess.run([str(FLUENTD), "--version"], capture_output=True,
-                              timeout=30).returncode == 0  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-pytestmark = pytest.mark.skipif(not fluentd_runs(), reason=f"no Fluentd at {FLUENTD}")
-
-
-@pytest.fixture
-def fluentd(tmp_path: Path) -> Iterator[Any]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(conf: Path, env: dict[str, str]) -> int:
-        port = free_port()
-        log = tmp_path / f"fluentd-{len(started)}.log"
-        proc = subprocess.Popen(
-            [str(FLUENTD), "-c", str(conf), "--no-supervisor"],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, **env, "FORWARD_PORT": str(port)},
-        )  # fmt: skip
-        started.append(proc)
-        assert wait_for(lambda: proc.poll() is not None or _listening(port), 60), log.read_text()
-        assert proc.poll() is None, log.read_text()
-        return port
-
-    yield start
-    for proc in started:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
+pytestmark = needs_fluentd
 
 
 def send(port: int, messages: list[tuple[str, dict[str, Any]]]) -> None:
@@ -96,7 +46,7 @@ def records(emulator: EmulatorThread, stream: str) -> Counter[bytes]:
 
 def run_both(
     conf: Path, messages: list[tuple[str, dict[str, Any]]], expected: int,
-    emulator: EmulatorThread, fluentd: Any, start_aggregator: StartAggregator,
+    emulator: EmulatorThread, fluentd: StartFluentd, start_aggregator: StartAggregator,
 ) -> tuple[Counter[bytes], Counter[bytes]]:  # fmt: skip
     env = {"FIREHOSE_ENDPOINT": emulator.endpoint_url, "AWS_ACCESS_KEY_ID": "x",
            "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1"}  # fmt: skip
@@ -131,7 +81,7 @@ def partial(text: str, pid: str, ordinal: int, last: bool) -> dict[str, Any]:
 
 
 def test_concat_parser_grep_and_record_transformer_as_fluentd_runs_them(
-    emulator: EmulatorThread, fluentd: Any, start_aggregator: StartAggregator
+    emulator: EmulatorThread, fluentd: StartFluentd, start_aggregator: StartAggregator
 ) -> None:
     long_json = '{"level": "info", "message": "' + "x" * 40 + '", "n": 3}'
     messages: list[tuple[str, dict[str, Any]]] = [
@@ -160,7 +110,7 @@ def test_concat_parser_grep_and_record_transformer_as_fluentd_runs_them(
 
 
 def test_filters_inside_a_label_as_fluentd_runs_them(
-    emulator: EmulatorThread, fluentd: Any, start_aggregator: StartAggregator
+    emulator: EmulatorThread, fluentd: StartFluentd, start_aggregator: StartAggregator
 ) -> None:
     messages: list[tuple[str, dict[str, Any]]] = [
         ("app.shop", {"message": "GET /cart 200 512"}),

@@ -9,10 +9,19 @@ import secrets
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.protocol.handshake import Client, Security, ServerHandshake, State, User
+from aggregator.protocol.handshake import (
+    Client,
+    ClientHandshake,
+    HandshakeError,
+    Security,
+    ServerHandshake,
+    State,
+    User,
+)
 
 
 def sha512_hex(*parts: str | bytes) -> str:
@@ -99,6 +108,45 @@ def test_clients_by_network_with_their_own_key_and_users() -> None:
     assert stranger == (False, "authentication failed: anonymous source host '192.0.2.1' denied")
     mapped = shake(security, OutForwardClient("h", "ten-key", "alice", "pw"), "::ffff:10.9.9.9")
     assert mapped[1] == (True, "")
+
+
+def client_shake(security: Security, client: ClientHandshake) -> ServerHandshake:
+    server = ServerHandshake(security, "10.1.2.3")
+    ping = msgpack.unpackb(client.ping(msgpack.unpackb(server.helo())), raw=False)
+    client.check_pong(msgpack.unpackb(server.receive(ping), raw=False))
+    return server
+
+
+def test_our_client_gets_in_with_the_key_and_a_user() -> None:
+    security = Security("aggregator", "s3cret", user_auth=True, users=(User("bob", "pw2"),))
+    server = client_shake(security, ClientHandshake("app-host", "s3cret", "bob", "pw2"))
+    assert server.state is State.ESTABLISHED and server.client_hostname == "app-host"
+    with pytest.raises(HandshakeError, match="refused us: username/password mismatch"):
+        client_shake(security, ClientHandshake("app-host", "s3cret", "bob", "nope"))
+    with pytest.raises(HandshakeError, match="refused us: shared_key mismatch"):
+        client_shake(SECURITY, ClientHandshake("app-host", "guess"))
+
+
+def test_our_client_pings_as_out_forward_and_checks_the_servers_proof() -> None:
+    """Against a server scripted from in_forward's behaviour (no auth salt: no user)."""
+    client = ClientHandshake("app-host", "s3cret")
+    nonce = secrets.token_bytes(16)
+    kind, hostname, salt, digest, user, password = msgpack.unpackb(
+        client.ping(["HELO", {"nonce": nonce, "auth": b"", "keepalive": True}]), raw=False
+    )
+    assert (kind, hostname, user, password) == ("PING", "app-host", "", "")
+    assert len(salt) == 32 and digest == sha512_hex(salt, "app-host", nonce, "s3cret")
+    proof = sha512_hex(salt, "fluentd", nonce, "s3cret")
+    client.check_pong(["PONG", True, "", "fluentd", proof])
+    with pytest.raises(HandshakeError, match="shared key mismatch"):
+        client.check_pong(["PONG", True, "", "fluentd", sha512_hex(salt, "fluentd", nonce, "x")])
+    with pytest.raises(HandshakeError, match="a forward loop"):
+        client.check_pong(["PONG", True, "", "app-host", proof])
+    for bad in (["HELO"], None, ["PONG", True, "", "h", proof]):
+        with pytest.raises(HandshakeError, match="expected HELO"):
+            ClientHandshake("app-host", "k").ping(bad)
+    with pytest.raises(HandshakeError, match="expected PONG"):
+        client.check_pong({"ack": "x"})
 
 
 @settings(max_examples=300, deadline=None)
