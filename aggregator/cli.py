@@ -69,6 +69,9 @@ def describe(config: Config) -> str:
             region = dest.region or "default region"
             endpoint = f", endpoint {dest.endpoint_url}" if dest.endpoint_url else ""
             detail = f"stream {dest.delivery_stream!r} ({region}{endpoint}), {packing}"
+            detail += f", only field {dest.data_key!r}" if dest.data_key else ""
+            detail += f", {dest.compression} per record" if dest.compression else ""
+            detail += f", as role {dest.assume_role.role_arn}" if dest.assume_role else ""
         elif isinstance(dest, FileDestination):
             detail = f"directory {dest.path!r}"
         elif isinstance(dest, ForwardDestination):

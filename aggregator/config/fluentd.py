@@ -421,6 +421,8 @@ _FIREHOSE = Section(
         "delivery_stream_name": ("delivery_stream", _text), "region": ("region", _text),
         "endpoint": ("endpoint_url", _text),
         "max_record_size": ("record_max_size", fluent_size),
+        "data_key": ("data_key", _text), "compression": ("compression", _text),
+        "chomp_record": ("chomp_record", fluent_bool), "http_proxy": ("http_proxy", _text),
     },
     ignored={
         **_COMMON_IGNORED,
@@ -435,6 +437,8 @@ _FIREHOSE = Section(
         "debug": "use [server] log_level = \"debug\"",
     },
 )
+_OTHER_CREDENTIALS = ("web_identity_credentials", "instance_profile_credentials",
+                      "shared_credentials", "process_credentials")  # fmt: skip
 _FOUND_BY_FAILURE = "a server that fails is found by the failure itself and tried again after " \
     "recover_wait"
 _FORWARD_OUTPUT = Section(
@@ -479,6 +483,15 @@ _FORWARD_SERVER = Section(
 )
 _FORWARD_SECURITY = Section(
     rules={"self_hostname": ("self_hostname", _text), "shared_key": ("shared_key", _text)}
+)
+_ASSUME_ROLE = Section(
+    rules={
+        "role_arn": ("role_arn", _text), "role_session_name": ("role_session_name", _text),
+        "external_id": ("external_id", _text), "policy": ("policy", _text),
+        "duration_seconds": ("duration_seconds", fluent_int),
+        "sts_endpoint_url": ("sts_endpoint_url", _text),
+        "sts_http_proxy": ("sts_http_proxy", _text),
+    },
 )
 _SIMPLE_OUTPUT = Section(rules={}, ignored=dict(_COMMON_IGNORED))
 _FILTER_IGNORED = dict(_COMMON_IGNORED)
@@ -820,13 +833,29 @@ class Converter:
                 raise ConfigError(f"{params[key].where}: {key} is not supported: credentials "
                                   "come from the standard AWS chain (the ECS task role, or "
                                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")  # fmt: skip
+        verify = params.pop("ssl_verify_peer", None)
+        if verify is not None and fluent_bool(verify.value, verify.where) is not True:
+            raise ConfigError(f"{verify.where}: ssl_verify_peer false is not supported: give "
+                              "the endpoint's CA in AWS_CA_BUNDLE")  # fmt: skip
         dest = {"type": "firehose",
                 **self._params(Directive(d.name, d.arg, d.where, params), _FIREHOSE,
                                "<match> kinesis_firehose")}  # fmt: skip
         if "delivery_stream" not in dest:
             raise ConfigError(f"{d.where}: kinesis_firehose needs delivery_stream_name")
-        self._sections(d, dest, "kinesis_firehose", ("buffer", "secondary", "inject", "format"),
-                       name)  # fmt: skip
+        others = []
+        for child in d.children:
+            if child.name == "assume_role_credentials":
+                dest["assume_role"] = self._params(child, _ASSUME_ROLE,
+                                                   "<assume_role_credentials>")  # fmt: skip
+            elif child.name in _OTHER_CREDENTIALS:
+                raise ConfigError(f"{child.where}: <{child.name}> is not supported: credentials "
+                                  "come from the standard AWS chain (the ECS task role, "
+                                  "AWS_PROFILE, the web identity of EKS), or "
+                                  "<assume_role_credentials>")  # fmt: skip
+            else:
+                others.append(child)
+        self._sections(Directive(d.name, d.arg, d.where, d.params, others), dest,
+                       "kinesis_firehose", ("buffer", "secondary", "inject", "format"), name)
         return dest
 
     def _forward_output(self, d: Directive, name: str) -> dict[str, Any]:

@@ -560,6 +560,20 @@ class DestinationBase(Strict):
     )
 
 
+class AssumeRole(Strict):
+    """The Kinesis plugin's <assume_role_credentials>: STS AssumeRole."""
+
+    role_arn: str = Field(min_length=20, description="arn:aws:iam::ACCOUNT:role/NAME")
+    role_session_name: str = Field("aggregator", min_length=2, max_length=64)
+    external_id: BlankIsUnset = Field(None, description="As the role's trust policy asks.")
+    duration_seconds: int | None = Field(None, ge=900, le=43200)
+    policy: BlankIsUnset = Field(None, description="A session policy, JSON.")
+    sts_endpoint_url: BlankIsUnset = Field(
+        None, description="A regional or VPC STS endpoint (default: the region's)."
+    )
+    sts_http_proxy: BlankIsUnset = Field(None, description="A proxy for the STS calls only.")
+
+
 class FirehoseDestination(DestinationBase):
     """Kinesis Data Firehose PutRecordBatch."""
 
@@ -592,6 +606,33 @@ class FirehoseDestination(DestinationBase):
         "given up on may still have been accepted, and its records are then sent again: "
         "delivery is at least once, so keep this well above the service's slowest answers.",
     )
+    data_key: str | None = Field(
+        None,
+        description="Send only this field's value as the record (e.g. the raw `log` line), as "
+        "the Kinesis plugin's data_key; an event without it is not sent (dropped, or to the "
+        "secondary, counted with reason data_key_missing).",
+    )
+    compression: Literal["gzip", "zlib"] | None = Field(
+        None, description="Compress each record (then a newline), as the Kinesis plugin does."
+    )
+    chomp_record: bool = Field(
+        False, description="No newline at the end of the JSON inside a compressed record."
+    )
+    http_proxy: BlankIsUnset = Field(
+        None,
+        description="http://[user:password@]host:port for the calls to Firehose (and STS); "
+        "unset: HTTPS_PROXY (HTTP_PROXY for an http endpoint) and NO_PROXY, as the SDKs read them.",
+    )
+    assume_role: AssumeRole | None = Field(
+        None, description="Deliver with a role assumed from the standard chain's credentials "
+        "(another account's stream), refreshed before they expire."
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _compression_is_per_record(self) -> FirehoseDestination:
+        if self.aggregate and (self.compression or self.chomp_record):
+            raise ValueError("compression and chomp_record are per record: aggregate = false")
+        return self
 
 
 class FileDestination(DestinationBase):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import random
+import re
 import threading
 import time
 from base64 import b64decode
@@ -43,6 +44,9 @@ AcceptHook = Callable[[str, list[bytes]], None]
 """Called on the event loop with a stream name and the data of the records just accepted on it
 (after base64 decoding), before the reply is sent. It must be quick; an exception fails the
 call with HTTP 500 and its records are not counted as accepted."""
+
+
+_CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
 
 
 class _ApiError(Exception):
@@ -105,6 +109,9 @@ class FirehoseEmulator:
         """Newline-terminated lines in accepted data: events, whether records are aggregated."""
         self.lost_records = 0
         self.accepted_by_stream: dict[str, int] = {}
+        self.calls_by_access_key: dict[str, int] = {}
+        """Calls by the access key id their signature names (signatures are not checked):
+        which credentials a client used, e.g. assumed and refreshed ones."""
         self.records = {}
 
     def stats(self) -> dict[str, Any]:
@@ -118,6 +125,7 @@ class FirehoseEmulator:
             "accepted_events": self.accepted_events,
             "lost_records": self.lost_records,
             "accepted_by_stream": dict(self.accepted_by_stream),
+            "calls_by_access_key": dict(self.calls_by_access_key),
             **self.config(),
         }
 
@@ -218,6 +226,8 @@ class FirehoseEmulator:
     async def _handle_api(self, request: web.Request) -> web.Response:
         target = request.headers.get("X-Amz-Target", "")
         operation = target[len(TARGET_PREFIX) :] if target.startswith(TARGET_PREFIX) else ""
+        if m := _CREDENTIAL.search(request.headers.get("Authorization", "")):
+            self.calls_by_access_key[m[1]] = self.calls_by_access_key.get(m[1], 0) + 1
         try:
             if operation != "PutRecordBatch":
                 raise _ApiError("UnknownOperationException", f"Unknown operation {target!r}")

@@ -21,7 +21,7 @@ from aggregator.protocol.events import EVENT_TIME_EXT_TYPE, ProtocolError
 
 _EVENT_TIME = struct.Struct(">II")
 _NS_PER_S = 1_000_000_000
-_GZIP_LEVEL = 6  # zlib's default and Fluentd's: level 9 costs far more CPU for little gain
+GZIP_LEVEL = 6  # zlib's default and Fluentd's: level 9 costs far more CPU for little gain
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +124,7 @@ def encode_packed_forward(
     """PackedForward mode (CompressedPackedForward when ``compressed``), payload sent as bin."""
     payload = pack_entries(entries)
     if compressed:
-        payload = gzip.compress(payload, compresslevel=_GZIP_LEVEL, mtime=0)
+        payload = gzip.compress(payload, compresslevel=GZIP_LEVEL, mtime=0)
     return _packb([tag, payload, _options(len(entries), chunk, compressed)])
 
 

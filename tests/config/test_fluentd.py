@@ -267,9 +267,9 @@ def test_secondary_inject_and_file_outputs(tmp_path: Path) -> None:
             ":4: append_new_line false is not supported",
         ),
         (
-            "<match **>\n  @type kinesis_firehose\n  delivery_stream_name s\n  compression gzip\n"
-            "</match>",
-            ":4: <match> kinesis_firehose: compression is not supported",
+            "<match **>\n  @type kinesis_firehose\n  delivery_stream_name s\n"
+            "  <shared_credentials>\n  </shared_credentials>\n</match>",
+            ":4: <shared_credentials> is not supported",
         ),
         (
             "<source>\n  @type forward\n  add_tag_prefix x\n</source>",
@@ -482,3 +482,36 @@ def test_what_a_forward_output_cannot_do_is_named(
 ) -> None:
     conf = f"<match **>\n  @type forward\n{text}  <server>\n    host h\n  </server>\n</match>\n"
     assert expected in error(tmp_path, conf)
+
+
+def test_the_kinesis_plugins_own_settings_convert(tmp_path: Path) -> None:
+    data, _ = convert(tmp_path, """<source>
+  @type forward
+</source>
+<match **>
+  @type kinesis_firehose
+  delivery_stream_name central-logs
+  region eu-west-1
+  data_key log
+  compression zlib
+  chomp_record true
+  http_proxy http://proxy.internal:3128
+  <assume_role_credentials>
+    role_arn arn:aws:iam::123456789012:role/central-logging
+    role_session_name fluentd
+    external_id "#{ENV['EXTERNAL_ID']}"
+    sts_endpoint_url https://sts.eu-west-1.amazonaws.com
+    duration_seconds 3600
+  </assume_role_credentials>
+</match>
+""")
+    (dest,) = parse(data, env={"EXTERNAL_ID": "x-42"}).destinations.values()
+    assert isinstance(dest, FirehoseDestination)
+    assert (dest.data_key, dest.compression, dest.chomp_record, dest.http_proxy) == (
+        "log", "zlib", True, "http://proxy.internal:3128")  # fmt: skip
+    role = dest.assume_role
+    assert role is not None
+    assert (role.role_arn, role.role_session_name, role.external_id, role.duration_seconds,
+            role.sts_endpoint_url) == ("arn:aws:iam::123456789012:role/central-logging",
+                                       "fluentd", "x-42", 3600,
+                                       "https://sts.eu-west-1.amazonaws.com")  # fmt: skip

@@ -8,9 +8,12 @@ packages when it is)."""
 
 from __future__ import annotations
 
+import gzip
 import socket
 import time
+import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +47,28 @@ def records(emulator: EmulatorThread, stream: str) -> Counter[bytes]:
                    for line in emulator.lines(stream))  # fmt: skip
 
 
+Reader = Callable[[EmulatorThread, str], Counter[bytes]]
+"""What arrived for one of the two (its STREAM), as a multiset to compare."""
+
+
 def run_both(
     conf: Path, messages: list[tuple[str, dict[str, Any]]], expected: int,
     emulator: EmulatorThread, fluentd: StartFluentd, start_aggregator: StartAggregator,
+    read: Reader = records, **more_env: str,
 ) -> tuple[Counter[bytes], Counter[bytes]]:  # fmt: skip
     env = {"FIREHOSE_ENDPOINT": emulator.endpoint_url, "AWS_ACCESS_KEY_ID": "x",
-           "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1"}  # fmt: skip
+           "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1", **more_env}  # fmt: skip
     theirs = fluentd(conf, {**env, "STREAM": "fluentd"})
     text = conf.read_text().replace("\"#{ENV['FORWARD_PORT']}\"", "{forward_port}")
     ours = start_aggregator(text, suffix=".conf", env={**env, "STREAM": "aggregator"})
     send(theirs, messages)
     send(ours.forward_port, messages)
-    done = lambda: all(sum(records(emulator, s).values()) >= expected  # noqa: E731
+    done = lambda: all(sum(read(emulator, s).values()) >= expected  # noqa: E731
                        for s in ("fluentd", "aggregator"))  # fmt: skip
-    assert wait_for(done, 30), shown(records(emulator, "fluentd"), records(emulator, "aggregator"))
+    assert wait_for(done, 30), shown(read(emulator, "fluentd"), read(emulator, "aggregator"))
     time.sleep(1.5)  # anything more than expected would arrive by now
     assert ours.stop() == 0
-    return records(emulator, "fluentd"), records(emulator, "aggregator")
+    return read(emulator, "fluentd"), read(emulator, "aggregator")
 
 
 def shown(theirs: Counter[bytes], ours: Counter[bytes]) -> str:
@@ -124,3 +132,49 @@ def test_filters_inside_a_label_as_fluentd_runs_them(
                             start_aggregator)  # fmt: skip
     assert ours == theirs, shown(theirs, ours)
     assert sum(ours.values()) == 3
+
+
+def kinesis_records(emulator: EmulatorThread, stream: str) -> Counter[bytes]:
+    """Each record of the three streams, as sent (data_key) or decompressed (gzip, zlib: Ruby's
+    gzip header has its own time stamp), behind its stream's name."""
+    seen: Counter[bytes] = Counter()
+    for kind, decode in (("raw", bytes), ("gz", gzip.decompress), ("zl", zlib.decompress)):
+        for data in emulator.records(f"{stream}-{kind}"):
+            body = data if kind == "raw" else decode(data[:-1]) + b" + " + data[-1:]
+            seen[kind.encode() + b": " + body] += 1
+    return seen
+
+
+def test_data_key_and_compression_send_what_the_kinesis_plugin_sends(
+    emulator: EmulatorThread, fluentd: StartFluentd, start_aggregator: StartAggregator
+) -> None:
+    messages: list[tuple[str, dict[str, Any]]] = [
+        ("raw.web", {"log": "GET /pay 200 ✓", "container_id": "c0ffee"}),
+        ("raw.web", {"log": "a line that ends\n"}),
+        ("raw.web", {"log": {"nested": [1, "two"]}}),  # Ruby's to_s of a map
+        ("raw.web", {"log": 42}),
+        ("raw.web", {"message": "no log field: not sent"}),
+        ("gz.api", {"log": "GET /q 404", "n": 1}),
+        ("gz.api", {"log": "ünïcødé", "nested": {"a": [1, 2]}}),
+        ("zl.worker", {"log": "job done", "ms": 12}),
+        ("zl.worker", {"log": "job failed", "error": "timeout"}),
+    ]
+    theirs, ours = run_both(FIXTURES / "kinesis-settings.conf", messages, 8, emulator,
+                            fluentd, start_aggregator, read=kinesis_records)  # fmt: skip
+    assert ours == theirs, shown(theirs, ours)
+    assert sum(ours.values()) == 8
+
+
+def test_an_assumed_role_delivers_what_the_kinesis_plugin_delivers(
+    emulator: EmulatorThread, fluentd: StartFluentd, start_aggregator: StartAggregator,
+    moto_server: str,
+) -> None:  # fmt: skip
+    messages: list[tuple[str, dict[str, Any]]] = [
+        ("app.pay", {"log": f"payment {i}", "amount": i * 10}) for i in range(5)
+    ]
+    theirs, ours = run_both(FIXTURES / "kinesis-role.conf", messages, 5, emulator, fluentd,
+                            start_aggregator, STS_ENDPOINT=moto_server)  # fmt: skip
+    assert ours == theirs, shown(theirs, ours)
+    # both signed with the role's credentials (from moto's STS), never the chain's own key
+    keys = emulator.stats()["calls_by_access_key"]
+    assert keys and "x" not in keys

@@ -14,11 +14,14 @@ a late answer can never be read as the answer to the next request.
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
 import ssl
 import time
+import urllib.request
 from collections.abc import Mapping
 from typing import NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -114,13 +117,32 @@ class _Connection(asyncio.Protocol):
         self.close()
 
 
+def proxy_for(url: str, configured: str | None = None) -> str | None:
+    """The proxy for requests to ``url``: ``configured``, else the environment's as the AWS SDKs
+    read it (HTTPS_PROXY for https, HTTP_PROXY for http, either case), unless NO_PROXY names
+    the host."""
+    if configured:
+        return configured
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme)
+    # Not in typeshed, but in urllib.request since Python 3.3: NO_PROXY as curl reads it.
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if proxy and not bypass(parts.hostname or "", proxies):
+        return proxy
+    return None
+
+
 class HttpClient:
     """POSTs to one URL's host over at most ``limit`` connections at once. HTTPS verifies the
-    server against the system's CAs, or those of ``cafile``."""
+    server against the system's CAs, or those of ``cafile``. Through ``proxy``
+    (``http://[user:password@]host:port``) when given: HTTPS in a CONNECT tunnel, HTTP as
+    requests to the proxy for the whole URL."""
 
     def __init__(
-        self, url: str, *, limit: int, connect_timeout: float, cafile: str | None = None
-    ) -> None:
+        self, url: str, *, limit: int, connect_timeout: float, cafile: str | None = None,
+        proxy: str | None = None,
+    ) -> None:  # fmt: skip
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -131,12 +153,26 @@ class HttpClient:
         self._connect_timeout = connect_timeout
         self._slots = asyncio.Semaphore(limit)
         self._idle: list[_Connection] = []
+        self._proxy: tuple[str, int] | None = None
+        self._proxy_auth = b""
+        if proxy:
+            via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            if via.scheme != "http" or not via.hostname:
+                raise ValueError(f"not an http:// proxy: {proxy!r}")
+            self._proxy = (via.hostname, via.port or 80)
+            if via.username is not None:
+                user = f"{unquote(via.username)}:{unquote(via.password or '')}"
+                token = base64.b64encode(user.encode()).decode()
+                self._proxy_auth = f"proxy-authorization: Basic {token}\r\n".encode()
+            if self._ssl is None:  # plain HTTP: the proxy is asked for the whole URL
+                self._target = f"http://{self._host}:{self._port}".encode() + self._target
 
     async def post(self, headers: Mapping[str, str], body: bytes) -> Response:
         """One request and its whole answer; raises HttpError, OSError or TimeoutError."""
         head = b"".join((
             b"POST ", self._target, b" HTTP/1.1\r\n",
             "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode(),
+            self._proxy_auth if self._ssl is None else b"",
             b"content-length: %d\r\n\r\n" % len(body),
         ))  # fmt: skip
         async with self._slots:
@@ -168,12 +204,49 @@ class HttpClient:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        server_hostname = self._host if self._ssl is not None else None
         async with asyncio.timeout(self._connect_timeout):
-            _, connection = await loop.create_connection(
-                _Connection, self._host, self._port, ssl=self._ssl,
-                server_hostname=self._host if self._ssl is not None else None,
-            )  # fmt: skip
+            if self._proxy is None:
+                _, connection = await loop.create_connection(
+                    _Connection, self._host, self._port, ssl=self._ssl,
+                    server_hostname=server_hostname,
+                )  # fmt: skip
+            elif self._ssl is None:
+                _, connection = await loop.create_connection(_Connection, *self._proxy)
+            else:
+                _, connection = await loop.create_connection(
+                    _Connection, sock=await self._tunnel(), ssl=self._ssl,
+                    server_hostname=server_hostname,
+                )  # fmt: skip
         return connection
+
+    async def _tunnel(self) -> socket.socket:
+        """A socket to the proxy, through which the proxy has connected us to the host."""
+        assert self._proxy is not None
+        loop = asyncio.get_running_loop()
+        family, kind, proto, _, address = (
+            await loop.getaddrinfo(*self._proxy, type=socket.SOCK_STREAM)
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            target = f"{self._host}:{self._port}"
+            await loop.sock_sendall(sock, f"CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n"
+                                    .encode() + self._proxy_auth + b"\r\n")  # fmt: skip
+            answer = b""
+            while b"\r\n\r\n" not in answer:  # the proxy says nothing more before we speak
+                data = await loop.sock_recv(sock, 4096)
+                if not data or len(answer) > 65536:
+                    raise HttpError("the proxy closed the connection or said too much")
+                answer += data
+            status = answer.split(b"\r\n", 1)[0]
+            if status.split(b" ")[1:2] != [b"200"]:
+                raise HttpError(f"the proxy refused the tunnel: {status.decode(errors='replace')}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def close(self) -> None:
         while self._idle:

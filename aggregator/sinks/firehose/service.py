@@ -5,7 +5,8 @@ classifies: records refused inside a successful call are retried, whole-call err
 passing (:class:`RetryableError`) or final (the lines are rejected with the error code as the
 reason).
 
-botocore finds and refreshes credentials (the standard chain: env, ECS task role...);
+botocore finds and refreshes credentials (the standard chain: env, ECS task role...; with
+``assume_role``, a role assumed with those, as the Kinesis plugin's <assume_role_credentials>);
 signing.py signs (SigV4); the endpoint is Firehose's public one for the region unless
 ``endpoint_url`` (or the SDKs' AWS_ENDPOINT_URL_FIREHOSE / AWS_ENDPOINT_URL) is set;
 the request body and the response are handled here, because
@@ -25,17 +26,24 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import orjson
+from aiobotocore.config import AioConfig
+from aiobotocore.credentials import (
+    AioAssumeRoleCredentialFetcher,
+    AioDeferredRefreshableCredentials,
+)
 from aiobotocore.session import AioSession
 from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
     CredentialRetrievalError,
     NoCredentialsError,
     PartialCredentialsError,
 )
 
-from aggregator.config.model import FirehoseDestination
+from aggregator.config.model import AssumeRole, FirehoseDestination
 from aggregator.metrics import FIREHOSE_FAILED_RECORDS, FIREHOSE_REQUESTS
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
-from aggregator.sinks.firehose.http import HttpClient, HttpError
+from aggregator.sinks.firehose.http import HttpClient, HttpError, proxy_for
 from aggregator.sinks.firehose.request_builder import Batch
 from aggregator.sinks.firehose.signing import Signer
 
@@ -78,6 +86,8 @@ CREDENTIAL_ERRORS: tuple[type[BaseException], ...] = (
     NoCredentialsError,
     PartialCredentialsError,
     CredentialRetrievalError,
+    BotoCoreError,  # STS unreachable (assume_role)
+    ClientError,  # STS refused (assume_role: AccessDenied, a wrong external_id)
 )
 """The credential chain failed to produce credentials: on Fargate that is the task-role
 endpoint being briefly unreachable more often than a missing role, so it is retried (a lasting
@@ -167,6 +177,7 @@ class FirehoseService:
         self._credentials: Any = None
         self._credentials_lock = asyncio.Lock()
         self._url = ""
+        self._region = ""
         self._signer: Signer | None = None
         # Bound once: .labels() is a dict lookup under a lock, not free on every call.
         self._ok = FIREHOSE_REQUESTS.labels(destination, "ok")
@@ -189,11 +200,13 @@ class FirehoseService:
         self._url = settings.endpoint_url or configured_endpoint() or default_endpoint(region)
         self._signer = Signer(self._url, region, CONTENT_TYPE, TARGET)
         self._session = session
+        self._region = region
         self._http = HttpClient(
             self._url,
             limit=MAX_POOL_CONNECTIONS,
             connect_timeout=min(CONNECT_TIMEOUT, settings.request_timeout),
             cafile=os.environ.get("AWS_CA_BUNDLE") or None,  # as the AWS SDKs read it
+            proxy=proxy_for(self._url, settings.http_proxy),
         )
         try:
             await self._resolve_credentials()
@@ -216,10 +229,33 @@ class FirehoseService:
         assert self._session is not None
         async with self._credentials_lock:
             if self._credentials is None:
-                self._credentials = await self._session.get_credentials()
+                chain = await self._session.get_credentials()
+                role = self._settings.assume_role
+                self._credentials = chain if chain is None or role is None else self._assumed(
+                    chain, role)  # fmt: skip
         if self._credentials is None:
             raise NoCredentialsError()
         return self._credentials
+
+    def _assumed(self, chain: Any, role: AssumeRole) -> Any:
+        """Credentials of ``role``, assumed with ``chain``'s and refreshed ahead of their
+        expiry (botocore's refreshable credentials: as the SDKs do it)."""
+        assert self._session is not None
+        session = self._session
+        proxy = role.sts_http_proxy or self._settings.http_proxy
+        config = AioConfig(proxies={"http": proxy, "https": proxy}) if proxy else None
+
+        def sts(service: str, **credentials: Any) -> Any:
+            return session.create_client(service, region_name=self._region, config=config,
+                                         endpoint_url=role.sts_endpoint_url, **credentials)
+
+        extra: dict[str, Any] = {"RoleSessionName": role.role_session_name}
+        for key, value in (("ExternalId", role.external_id), ("Policy", role.policy),
+                           ("DurationSeconds", role.duration_seconds)):  # fmt: skip
+            if value is not None:
+                extra[key] = value
+        fetcher = AioAssumeRoleCredentialFetcher(sts, chain, role.role_arn, extra_args=extra)
+        return AioDeferredRefreshableCredentials(fetcher.fetch_credentials, "assume-role")
 
     async def _signed_headers(self, body: bytes) -> dict[str, str]:
         credentials = await self._resolve_credentials()

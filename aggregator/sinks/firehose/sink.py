@@ -6,11 +6,12 @@ import asyncio
 
 from aggregator.config.model import FirehoseDestination
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
-from aggregator.sinks.firehose.record import build_records
+from aggregator.sinks.firehose.record import build_records, shaper
 from aggregator.sinks.firehose.request_builder import Batch, build_batches
 from aggregator.sinks.firehose.service import FirehoseService
 
 RECORD_TOO_LARGE = "record_too_large"
+DATA_KEY_MISSING = "data_key_missing"
 
 
 class FirehoseSink:
@@ -21,6 +22,7 @@ class FirehoseSink:
         self.name = name
         self._aggregate = settings.aggregate
         self._record_max_size = settings.record_max_size
+        self._shape = shaper(settings.data_key, settings.compression, settings.chomp_record)
         self._service = FirehoseService(name, settings)
 
     async def start(self) -> None:
@@ -30,40 +32,42 @@ class FirehoseSink:
         await self._service.close()
 
     async def write(self, lines: list[bytes]) -> WriteResult:
-        built = build_records(
-            lines, aggregate=self._aggregate, record_max_size=self._record_max_size
-        )
+        built = build_records(lines, aggregate=self._aggregate,
+                              record_max_size=self._record_max_size, shape=self._shape)  # fmt: skip
         batches = build_batches(built.records)
-        if len(batches) == 1 and not built.oversize:
+        unsendable = {RECORD_TOO_LARGE: built.oversize, DATA_KEY_MISSING: built.keyless}
+        if len(batches) == 1 and not built.oversize and not built.keyless:
             return await self._service.put_batch(batches[0])  # the common case, kept direct
         outcomes = await asyncio.gather(
             *(self._service.put_batch(batch) for batch in batches), return_exceptions=True
         )
-        return _merge(batches, outcomes, built.oversize)
+        return _merge(batches, outcomes, {k: v for k, v in unsendable.items() if v})
 
 
 def _merge(
-    batches: list[Batch], outcomes: list[WriteResult | BaseException], oversize: list[bytes]
-) -> WriteResult:
-    """One result for the chunk. Raise only when nothing was settled: as soon as a batch went
-    through (or lines were rejected), failed batches become ``retry`` so the buffer never
-    resends what was delivered."""
+    batches: list[Batch], outcomes: list[WriteResult | BaseException],
+    unsendable: dict[str, list[bytes]],
+) -> WriteResult:  # fmt: skip
+    """One result for the chunk (``unsendable``: lines never sent, by reason). Raise only when
+    nothing was settled: as soon as a batch went through (or lines were rejected), failed
+    batches become ``retry`` so the buffer never resends what was delivered."""
     failures: list[tuple[Batch, RetryableError]] = []
     for batch, outcome in zip(batches, outcomes, strict=True):
         if isinstance(outcome, RetryableError):
             failures.append((batch, outcome))
         elif isinstance(outcome, BaseException):
             raise outcome  # a bug, not a delivery outcome: let it surface
-    if failures and len(failures) == len(batches) and not oversize:
+    if failures and len(failures) == len(batches) and not unsendable:
         # A new error, not the gathered one: raised again, that one's traceback would hold
         # this frame, which holds it (a cycle keeping every batch's request body alive until a
         # full collection: 1.2 GB for a 256 MiB buffer in an outage of 503s).
         first = failures[0][1]
         raise RetryableError(first.reason, str(first)) from None
-    if not failures and not oversize and all(o is DELIVERED for o in outcomes):
+    if not failures and not unsendable and all(o is DELIVERED for o in outcomes):
         return DELIVERED
     result = WriteResult()
-    result.reject(RECORD_TOO_LARGE, oversize)
+    for reason, lines in unsendable.items():
+        result.reject(reason, lines)
     for batch, outcome in zip(batches, outcomes, strict=True):
         if isinstance(outcome, RetryableError):
             result.retry.extend(batch.lines())

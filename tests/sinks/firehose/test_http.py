@@ -4,14 +4,17 @@ and that a connection whose answer is not complete is never used again."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
-from aggregator.sinks.firehose.http import HttpClient, HttpError, Response
+from aggregator.sinks.firehose.http import HttpClient, HttpError, Response, proxy_for
 from tests.sources.test_forward import run  # uvloop, as the service runs, with a time bound
 
 Answer = Callable[["Server", int, bytes], bytes | None]
@@ -220,3 +223,113 @@ def test_nothing_listening_is_an_os_error() -> None:
             await client.post(HEADERS, b"")
 
     run(test)
+
+
+class Proxy:
+    """An HTTP proxy as squid behaves: CONNECT tunnels, and requests for a whole URL sent on
+    with the path alone; it asks for credentials when ``password`` is set."""
+
+    def __init__(self, password: str | None = None) -> None:
+        self.password = password
+        self.heads: list[bytes] = []
+        self.sent: list[bytes] = []
+        """Every byte clients sent through, heads included."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.heads.append(head)
+        self.sent.append(head)
+        method, target, _ = head.split(b"\r\n", 1)[0].split(b" ", 2)
+        if self.password is not None:
+            token = base64.b64encode(b"user:" + self.password.encode())
+            if b"proxy-authorization: basic " + token.lower() not in head.lower():
+                writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+                writer.close()
+                return
+        if method == b"CONNECT":
+            host, port = target.decode().rsplit(":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            url = urlsplit(target.decode())
+            up_reader, up_writer = await asyncio.open_connection(url.hostname, url.port)
+            up_writer.write(head.replace(target, (url.path or "/").encode(), 1))
+        await asyncio.gather(pipe(reader, up_writer, self.sent), pipe(up_reader, writer))
+
+
+async def pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: list[bytes] | None = None
+) -> None:
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            if seen is not None:
+                seen.append(data)
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+def test_http_goes_through_a_proxy_asked_for_the_whole_url_with_credentials() -> None:
+    async def test() -> None:
+        server = Server(lambda _, n, __: ok(b"via proxy %d" % n))
+        proxy = Proxy(password="p@ss")
+        listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+        proxying = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        port, proxy_port = (s.sockets[0].getsockname()[1] for s in (listener, proxying))
+        client = HttpClient(f"http://127.0.0.1:{port}/", limit=1, connect_timeout=2.0,
+                            proxy=f"http://user:p%40ss@127.0.0.1:{proxy_port}")  # fmt: skip
+        assert await client.post(HEADERS, b"x") == Response(200, b"via proxy 1")
+        assert await client.post(HEADERS, b"x") == Response(200, b"via proxy 2")
+        assert proxy.heads[0].startswith(f"POST http://127.0.0.1:{port}/ HTTP/1.1".encode())
+        assert len(proxy.heads) == 1  # one kept-alive connection through the proxy
+        await client.close()
+        wrong = HttpClient(f"http://127.0.0.1:{port}/", limit=1, connect_timeout=2.0,
+                           proxy=f"http://user:guess@127.0.0.1:{proxy_port}")  # fmt: skip
+        assert (await wrong.post(HEADERS, b"x")).status == 407
+        for writer in server.writers:
+            writer.close()
+
+    run(test)
+
+
+def test_https_goes_through_a_connect_tunnel_and_a_refusal_is_a_network_error(
+    certificate: tuple[Path, Path],
+) -> None:
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def test() -> None:
+        server = Server(lambda _, n, __: ok(b"tunnelled %d" % n))
+        listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=context)
+        proxy = Proxy()
+        proxying = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        port, proxy_port = (s.sockets[0].getsockname()[1] for s in (listener, proxying))
+        client = HttpClient(f"https://127.0.0.1:{port}", limit=1, connect_timeout=2.0,
+                            cafile=str(cert), proxy=f"127.0.0.1:{proxy_port}")  # fmt: skip
+        assert await client.post(HEADERS, b"x") == Response(200, b"tunnelled 1")
+        assert proxy.heads == [f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nhost: 127.0.0.1:{port}"
+                               "\r\n\r\n".encode()]  # fmt: skip
+        await client.close()
+        proxy.password = "needed"
+        refused = HttpClient(f"https://127.0.0.1:{port}", limit=1, connect_timeout=2.0,
+                             cafile=str(cert), proxy=f"127.0.0.1:{proxy_port}")  # fmt: skip
+        with pytest.raises(HttpError, match=r"the proxy refused the tunnel: HTTP/1\.1 407"):
+            await refused.post(HEADERS, b"x")
+        for writer in server.writers:
+            writer.close()
+
+    run(test)
+
+
+def test_the_environments_proxy_as_the_sdks_read_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+                 "no_proxy", "ALL_PROXY", "all_proxy"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    assert proxy_for("https://firehose.eu-west-1.amazonaws.com") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
+    assert proxy_for("https://firehose.eu-west-1.amazonaws.com") == "http://proxy:3128"
+    assert proxy_for("http://emulator:4566") is None  # HTTP_PROXY is for http
+    assert proxy_for("https://vpce.firehose.internal") is None  # NO_PROXY
+    assert proxy_for("https://x.internal", "http://given:1") == "http://given:1"

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import gzip
+import zlib
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.config.model import FIREHOSE_MAX_RECORD_BYTES
-from aggregator.sinks.firehose.record import Records, build_records
+from aggregator.sinks.firehose.record import Records, build_records, shaper
 
 
 def line(i: int, size: int) -> bytes:
@@ -106,3 +109,35 @@ def test_aggregation_is_greedy(sizes: list[int], limit: int) -> None:
         following = position[out.records.lines_of(i)[-1]] + 1
         if following < len(lines):
             assert len(data) + len(lines[following]) > limit
+
+
+def test_shaped_records_are_what_the_kinesis_plugin_sends() -> None:
+    lines = [b'{"log":"GET / 200\\n","n":1}\n', b'{"n":2}\n', b'{"log":{"a":1},"n":3}\n',
+             b'{"log":"plain","n":4}\n']  # fmt: skip
+    out = build_records(lines, aggregate=False, record_max_size=100,
+                        shape=shaper("log", None, False))  # fmt: skip
+    # the field's text, one line ending off and a newline on (Ruby's chomp + "\n"); a map as
+    # Ruby's to_s writes it; an event without the field is not sent
+    assert out.records.data == [b"GET / 200\n", b'{"a"=>1}\n', b"plain\n"]
+    assert out.keyless == [lines[1]]
+    assert [list(out.records.lines_of(i)) for i in range(3)] == [[lines[0]], [lines[2]],
+                                                                [lines[3]]]  # fmt: skip
+    packed = build_records(lines, aggregate=True, record_max_size=100,
+                           shape=shaper("log", None, False))  # fmt: skip
+    assert packed.records.data == [b'GET / 200\n{"a"=>1}\nplain\n']
+    assert packed.records.lines() == [lines[0], lines[2], lines[3]]
+
+
+def test_compressed_records_hold_the_line_with_or_without_its_newline() -> None:
+    lines = [b'{"n":1}\n', b'{"n":2,"pad":"' + b"x" * 300 + b'"}\n']
+    gz = build_records(lines, aggregate=False, record_max_size=1000,
+                       shape=shaper(None, "gzip", False))  # fmt: skip
+    assert [gzip.decompress(d[:-1]) for d in gz.records.data] == lines
+    assert all(d.endswith(b"\n") for d in gz.records.data)
+    chomped = build_records(lines, aggregate=False, record_max_size=1000,
+                            shape=shaper(None, "zlib", True))  # fmt: skip
+    assert [zlib.decompress(d[:-1]) for d in chomped.records.data] == [x[:-1] for x in lines]
+    small = build_records(lines, aggregate=False, record_max_size=60,
+                          shape=shaper(None, "zlib", False))  # fmt: skip
+    assert small.oversize == [] and len(small.records) == 2  # the limit is on what is sent
+    assert shaper(None, None, False) is None  # nothing to shape: the lines as they are

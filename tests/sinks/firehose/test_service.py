@@ -226,3 +226,38 @@ def test_the_sdks_endpoint_variables_are_honoured() -> None:
     both = {"AWS_ENDPOINT_URL": "http://all", "AWS_ENDPOINT_URL_FIREHOSE": "http://fh"}
     assert configured_endpoint(both) == "http://fh"
     assert configured_endpoint({**both, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}) is None
+
+
+def test_an_assumed_role_delivers_and_its_credentials_are_refreshed_before_expiry(
+    emulator: EmulatorThread, moto_server: str
+) -> None:
+    """moto's STS, reached through a proxy (sts_http_proxy), gives 15-minute credentials: that
+    is inside botocore's refresh window from the start, so each call refreshes them, as the
+    SDKs do ahead of an expiry."""
+    from tests.sinks.firehose.test_http import Proxy
+
+    async def go() -> list[str]:
+        proxy = Proxy()
+        proxying = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        proxy_url = f"http://127.0.0.1:{proxying.sockets[0].getsockname()[1]}"
+        role = {"role_arn": "arn:aws:iam::210987654321:role/central-logging",
+                "role_session_name": "aggregator-test", "external_id": "x-42",
+                "duration_seconds": 900, "sts_endpoint_url": moto_server,
+                "sts_http_proxy": proxy_url}  # fmt: skip
+        service = FirehoseService("assumed", settings(emulator.endpoint_url, assume_role=role))
+        await service.start()
+        try:
+            for _ in range(3):
+                assert await service.put_batch(batch_of(LINES[:5])) is DELIVERED
+        finally:
+            await service.close()
+            proxying.close()
+        return [b"".join(proxy.sent).decode(errors="replace")]
+
+    (sts_traffic,) = asyncio.run(go())
+    keys = emulator.stats()["calls_by_access_key"]
+    assert "testing" not in keys  # the chain's own key only asks STS
+    assert len(keys) >= 2 and sum(keys.values()) == 3  # fresh credentials, then fresher
+    assert sts_traffic.count("Action=AssumeRole") >= 2
+    assert "ExternalId=x-42" in sts_traffic and "DurationSeconds=900" in sts_traffic
+    assert "RoleArn=arn%3Aaws%3Aiam%3A%3A210987654321%3Arole%2Fcentral-logging" in sts_traffic

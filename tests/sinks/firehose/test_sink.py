@@ -191,3 +191,12 @@ def test_moto_unknown_stream_is_rejected(moto_server: str) -> None:
     lines = events(10)
     result = write(settings(moto_server, stream=f"missing-{uuid.uuid4().hex[:8]}"), lines)
     assert result.rejected == {"resource_not_found": lines}
+
+
+def test_events_without_the_data_key_are_rejected_and_the_rest_sent_as_their_field(
+    emulator: EmulatorThread,
+) -> None:
+    lines = [b'{"log":"one","n":1}\n', b'{"n":2}\n', b'{"log":"three","n":3}\n']
+    result = write(settings(emulator.endpoint_url, data_key="log"), lines)
+    assert result.rejected == {"data_key_missing": [lines[1]]} and result.retry == []
+    assert emulator.records("events") == [b"one\n", b"three\n"]
