@@ -28,7 +28,8 @@ test: lint fluentd-deps
 # Fluentd itself, for the tests that run the same fluent.conf through it and through us
 # (tests/integration/test_fluentd_diff.py): where the peer build is beside this checkout, its
 # Debian packages are installed once; elsewhere those tests skip.
-FLUENTD_PEER ?= ../shared/peers/fluentd
+FLUENTD_PEER ?= $(firstword $(wildcard ../shared/peers/fluentd ../../shared/peers/fluentd) \
+                  ../shared/peers/fluentd)
 fluentd-deps:
 	@[ ! -x $(FLUENTD_PEER)/bin/fluentd ] || $(FLUENTD_PEER)/bin/fluentd --version >/dev/null 2>&1 \
 	  || $(SUDO) sh $(FLUENTD_PEER)/install-deps.sh

@@ -70,6 +70,12 @@ FILTER_EVENTS = Counter(
     ["filter", "outcome"],
     registry=REGISTRY,
 )
+FILTER_HELD_BYTES = Gauge(
+    "aggregator_filter_held_bytes",
+    "Bytes of the parts concat filters hold, waiting for the rest of their line (at most 64 MiB "
+    "a filter a worker; looked at every second).",
+    ["filter"], registry=REGISTRY, multiprocess_mode="livesum",
+)  # fmt: skip
 UNMATCHED_EVENTS = Counter(
     "aggregator_unmatched_events", "Events whose tag matched no route.", registry=REGISTRY
 )

@@ -78,6 +78,7 @@ class Concat:
             self._mode, self._indicator = "regexp", s.key
         self._joined = metrics.tally(metrics.FILTER_EVENTS.labels(name, "joined"))
         self._let_go = metrics.tally(metrics.FILTER_EVENTS.labels(name, "let_go"))
+        self._held_gauge = metrics.FILTER_HELD_BYTES.labels(name)
 
     @property
     def holding(self) -> bool:
@@ -117,11 +118,13 @@ class Concat:
             if now - stream.touched < interval:
                 break
             out.append(self._release(identity))
+        self._held_gauge.set(self._held)  # once a look (a second), not once an event
         return [released for released in out if released[1]]
 
     def drain(self) -> list[Released]:
         """Every stream let go (the stop)."""
         out = self.expired() + [self._release(identity) for identity in list(self._streams)]
+        self._held_gauge.set(0)
         return [released for released in out if released[1]]
 
     # --- the plugin's modes ----------------------------------------------------------------

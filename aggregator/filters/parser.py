@@ -70,7 +70,12 @@ class Parser:
         if s.inject_key_prefix:
             values = {s.inject_key_prefix + k: v for k, v in values.items()}
         result = {s.hash_value_field: values} if s.hash_value_field else values
-        return {**record, **result} if s.reserve_data else result
+        if not s.reserve_data:
+            return result
+        # Fluentd merges into a copy; the record is this event's own: merged in place (the
+        # same keys in the same order), without a copy of every field.
+        record.update(result)
+        return record
 
 
 def _parser(settings: ParseSettings) -> Any:

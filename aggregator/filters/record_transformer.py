@@ -69,28 +69,42 @@ class RecordTransformer:
         self._unknown = Throttle(60.0)
         hostname = socket.gethostname()
         self._tags: TagCache[Values] = TagCache(lambda tag: tag_values(tag, hostname))
-        self._fields = [(self._compile(key, stringify=True), self._compile(_json(value)))
-                        for key, value in settings.record.items()]  # fmt: skip
+        # Keys and values without a placeholder are kept as they are, not as functions: most
+        # <record>s set a few fixed keys, and this runs once an event.
+        self._fields: list[tuple[str | Expand, Expand | None, Any]] = []
+        for key, value in settings.record.items():
+            template = _json(value)
+            expand = self._compile(template)
+            # (a map or a list is made anew for each event: it may be changed downstream)
+            constant = isinstance(template, str) and not _PLACEHOLDER.search(template)
+            constant |= not isinstance(template, str | dict | list)
+            field: str | Expand = key
+            if _PLACEHOLDER.search(key):
+                field = self._compile(key, stringify=True)
+            self._fields.append((field, None if constant else expand, template))
 
     def run(self, tag: str, entries: list[Any]) -> list[Any]:
         values = self._tags(tag)
         out = []
         for entry in entries:
             t, record = entry[0], entry[1]
-            if not isinstance(record, dict):
+            if record.__class__ is not dict:
                 out.append(entry)  # Fluentd fails on it (to @ERROR); it passes unchanged here
                 continue
-            new = {} if self._renew else dict(record)
+            # The record is this event's own (decoded for it): changed in place, as Fluentd
+            # changes its copy, unless it is renewed.
+            new = {} if self._renew else record
             for kept in self._keep:
                 if kept in record:
                     new[kept] = record[kept]
-            for key, value in self._fields:
-                new[key(values, record, t)] = value(values, record, t)
+            for key, expand, constant in self._fields:
+                value = constant if expand is None else expand(values, record, t)
+                new[key if isinstance(key, str) else key(values, record, t)] = value
             if self._renew_time_key is not None and self._renew_time_key in new:
                 t = _to_f(new[self._renew_time_key])
             for delete in self._delete:
                 delete(new)
-            out.append([t, new])
+            out.append(entry if new is record and t is entry[0] else [t, new])
         return out
 
     def _compile(self, template: Any, stringify: bool = False) -> Expand:

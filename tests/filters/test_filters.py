@@ -11,10 +11,12 @@ from aggregator.config.model import Concat as ConcatSettings
 from aggregator.config.model import Grep as GrepSettings
 from aggregator.config.model import Parser as ParserSettings
 from aggregator.config.model import RecordTransformer as RTSettings
+from aggregator.filters import concat as concat_module
 from aggregator.filters.concat import Concat
 from aggregator.filters.grep import Grep
 from aggregator.filters.parser import Parser
 from aggregator.filters.record_transformer import RecordTransformer, time_text
+from aggregator.metrics import REGISTRY
 
 T = 1700000000
 
@@ -138,6 +140,24 @@ def test_concat_lets_an_incomplete_line_go_after_flush_interval() -> None:
     [(tag, [_, record])] = f.expired()
     assert tag == "d" and record["log"] == "half" and record["partial_id"] == "p9"
     assert not f.holding
+
+
+def test_concat_holds_at_most_its_bytes_and_streams_then_lets_the_oldest_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(concat_module, "MAX_HELD_BYTES", 1000)
+    monkeypatch.setattr(concat_module, "MAX_STREAMS", 3)
+    f = concat(use_partial_metadata=True, separator="")
+    for i in range(3):  # three lines begun, 400 bytes each: the first goes past 1000 bytes
+        f.run("d", [docker_part("x" * 400, f"p{i}", 1, False)])
+    [(_, [_, first])] = f.expired()
+    assert first["partial_id"] == "p0" and len(first["log"]) == 400
+    assert REGISTRY.get_sample_value("aggregator_filter_held_bytes", {"filter": "c"}) == 800
+    for i in range(3, 6):  # more streams than MAX_STREAMS: the oldest go
+        f.run("d", [docker_part("y", f"p{i}", 1, False)])
+    assert [r["partial_id"] for _, (_, r) in f.expired()] == ["p1", "p2"]
+    assert len(f.drain()) == 3 and not f.holding
+    assert REGISTRY.get_sample_value("aggregator_filter_held_bytes", {"filter": "c"}) == 0
 
 
 def test_concat_multiline_and_n_lines() -> None:

@@ -209,7 +209,17 @@ buffer = { flush_interval = "100ms" }
 )
 
 
-FLUENTD = Path(__file__).resolve().parents[3] / "shared" / "peers" / "fluentd" / "bin" / "fluentd"
+def _fluentd_bin() -> Path:
+    """``$FLUENTD_BIN``, else ``shared/peers/fluentd/bin/fluentd`` in the nearest directory
+    above this checkout that has one."""
+    if given := os.environ.get("FLUENTD_BIN"):
+        return Path(given)
+    here = Path(__file__).resolve()
+    candidates = [p / "shared" / "peers" / "fluentd" / "bin" / "fluentd" for p in here.parents]
+    return next((c for c in candidates if c.exists()), candidates[3])
+
+
+FLUENTD = _fluentd_bin()
 """Fluentd 1.16 with the Kinesis plugin and fluent-plugin-concat, beside this checkout (the
 Makefile installs its Debian packages)."""
 
