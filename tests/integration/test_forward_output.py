@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     needs_fluentd,
     wait_for,
 )
+from tests.integration.test_firehose import firehose_destination, routes
 
 KEY = "forward-s3cret"
 SECURED = (
@@ -50,20 +51,18 @@ def forward_source(port: str = "{forward_port}", secured: str = "") -> str:
 
 
 def to_firehose(endpoint: str, stream: str) -> str:
-    return f"""
-[[routes]]
-match = "**"
-destination = "fh"
+    return routes(("**", "fh")) + firehose_destination("fh", endpoint, stream, secondary=None)
 
-[destinations.fh]
-type = "firehose"
-delivery_stream = "{stream}"
-region = "us-east-1"
-endpoint_url = "{endpoint}"
-request_timeout = "2s"
-inject = {{ tag_key = "tag" }}
-buffer = {{ flush_interval = "200ms", retry_wait = "50ms", retry_max_interval = "500ms" }}
-"""
+
+def to_forward(servers: str, **settings: str) -> str:
+    """Every event to a forward destination ``tier2``; ``settings``: TOML values by key."""
+    lines = "".join(f"{key} = {value}\n" for key, value in settings.items())
+    return routes(("**", "tier2")) + f"""
+[destinations.tier2]
+type = "forward"
+require_ack_response = true
+servers = [{servers}]
+{lines}"""
 
 
 def events(ids: range) -> list[list[Any]]:
@@ -156,20 +155,13 @@ def test_the_forward_destination_delivers_into_fluentd_with_tls_a_user_acks_and_
 """)
     port = fluentd(conf, {"FIREHOSE_ENDPOINT": emulator.endpoint_url, "AWS_ACCESS_KEY_ID": "x",
                           "AWS_SECRET_ACCESS_KEY": "y"})  # fmt: skip
-    ours = start_aggregator(head() + forward_source() + f"""
-[[routes]]
-match = "**"
-destination = "tier2"
-
-[destinations.tier2]
-type = "forward"
-require_ack_response = true
-compress = "gzip"
-servers = [{{ host = "127.0.0.1", port = {port}, username = "app", password = "pw" }}]
-security = {{ self_hostname = "aggregator-tier", shared_key = "{KEY}" }}
-tls = {{ ca_path = "{cert}" }}
-buffer = {{ flush_interval = "200ms", chunk_limit_records = 700 }}
-""")  # fmt: skip
+    ours = start_aggregator(head() + forward_source() + to_forward(
+        f'{{ host = "127.0.0.1", port = {port}, username = "app", password = "pw" }}',
+        compress='"gzip"',
+        security=f'{{ self_hostname = "aggregator-tier", shared_key = "{KEY}" }}',
+        tls=f'{{ ca_path = "{cert}" }}',
+        buffer='{ flush_interval = "200ms", chunk_limit_records = 700 }',
+    ))  # fmt: skip
     with ours.connect() as sock:
         send(sock, "app.web", range(3000))
     assert wait_for(lambda: len(emulator.lines("fluentd")) >= 3000, 30), ours.logs()[-5:]
@@ -191,23 +183,15 @@ def test_the_forward_destination_fails_over_and_its_server_takes_a_secured_port(
     tier2 = start_aggregator(head() + forward_source(secured=secured)
                              + to_firehose(emulator.endpoint_url, "tier2"))  # fmt: skip
     down = free_port()
-    tier1 = start_aggregator(head() + forward_source() + f"""
-[[routes]]
-match = "**"
-destination = "tier2"
-
-[destinations.tier2]
-type = "forward"
-require_ack_response = true
-keepalive = true
-servers = [
-  {{ host = "127.0.0.1", port = {down}, weight = 1000 }},
-  {{ host = "127.0.0.1", port = {tier2.forward_port}, weight = 1 }},
-]
-security = {{ self_hostname = "tier1", shared_key = "{KEY}", username = "app", password = "pw" }}
-tls = {{ ca_path = "{cert}" }}
-buffer = {{ flush_interval = "100ms", retry_wait = "50ms" }}
-""")  # fmt: skip
+    tier1 = start_aggregator(head() + forward_source() + to_forward(
+        f'{{ host = "127.0.0.1", port = {down}, weight = 1000 }}, '
+        f'{{ host = "127.0.0.1", port = {tier2.forward_port}, weight = 1 }}',
+        keepalive="true",
+        security=f'{{ self_hostname = "tier1", shared_key = "{KEY}", username = "app", '
+                 'password = "pw" }',
+        tls=f'{{ ca_path = "{cert}" }}',
+        buffer='{ flush_interval = "100ms", retry_wait = "50ms" }',
+    ))  # fmt: skip
     with tier1.connect() as sock:
         send(sock, "app.api", range(2000))
     assert wait_for(lambda: len(emulator.lines("tier2")) >= 2000, 30), tier1.logs()[-5:]
