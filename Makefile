@@ -35,8 +35,8 @@ fluentd-deps:
 	  || $(SUDO) sh $(FLUENTD_PEER)/install-deps.sh
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check aggregator tests benchmarks
-	$(BIN)/mypy aggregator benchmarks
+	$(BIN)/ruff check aggregator emulator tests benchmarks
+	$(BIN)/mypy aggregator emulator benchmarks
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/cfn-lint deploy/cloudformation/*.yaml
 

@@ -38,9 +38,7 @@ from aggregator.config.model import Config, ForwardSource
 from aggregator.forward_client import handoff_peer
 from aggregator.pipeline import Pipeline
 from aggregator.process import EXIT_CONFIG, EXIT_FORCED, EXIT_OK, EXIT_UNDELIVERED
-from aggregator.sources import Listener
-from aggregator.sources.forward import ForwardServer
-from aggregator.sources.http import HttpServer
+from aggregator.sources import Listener, Source, build_source
 from aggregator.stopping import StopPlan
 
 log = logging.getLogger("aggregator.worker")  # not __main__ when run with -m
@@ -56,11 +54,8 @@ class Worker:
         self.config = config
         self.index = index
         self.pipeline = Pipeline(config, index, workers)
-        self.sources: list[ForwardServer | HttpServer] = [
-            ForwardServer(settings, self.pipeline, config.server)
-            if isinstance(settings, ForwardSource)
-            else HttpServer(settings, self.pipeline, config.server)
-            for settings in config.sources
+        self.sources: list[Source] = [
+            build_source(settings, self.pipeline, config.server) for settings in config.sources
         ]
         self._stop = asyncio.Event()
         self._stopping = False
@@ -75,7 +70,7 @@ class Worker:
             await source.start(listeners[i] if listeners else None)
 
     def ports(self) -> dict[str, int]:
-        return {s.settings.name: s.port for s in self.sources}
+        return {s.name: s.port for s in self.sources}
 
     def request_stop(self) -> None:
         if self._stopping:

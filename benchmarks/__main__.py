@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.config.units import parse_size
-from aggregator.emulator.__main__ import add_fault_arguments
 from benchmarks import abuse, backlog, connections, plot, redeploy, report, sizing
 from benchmarks.config import BUFFERS, FILTERS, SUBJECTS, RunConfig
 from benchmarks.runner import run_benchmark
 from benchmarks.templates import MODES
+from emulator.__main__ import add_fault_arguments
 
 
 def _positive_int(text: str) -> int:

@@ -35,10 +35,10 @@ from pathlib import Path
 import msgpack
 import orjson
 
-from aggregator.emulator import EmulatorThread
 from aggregator.protocol import encode_forward, encode_message, new_chunk_id
 from benchmarks.report import MIB
 from benchmarks.service import Service, firehose_route, sources
+from emulator import EmulatorThread
 
 STREAM = "honest"
 BUFFER_LIMIT = 64 * MIB

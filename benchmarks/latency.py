@@ -35,7 +35,7 @@ def percentile(ordered: Sequence[int], fraction: float) -> int:
 
 
 class LatencySampler:
-    """An ``on_accept`` hook for :class:`aggregator.emulator.FirehoseEmulator`."""
+    """An ``on_accept`` hook for :class:`emulator.FirehoseEmulator`."""
 
     def __init__(self, every: int = 50, clock: Callable[[], int] = time.time_ns) -> None:
         if every < 1:

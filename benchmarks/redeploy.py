@@ -22,9 +22,9 @@ from pathlib import Path
 
 import orjson
 
-from aggregator.emulator import EmulatorThread
 from benchmarks.docker_client import DockerLikeClient
 from benchmarks.service import Service, firehose_route, sources
+from emulator import EmulatorThread
 
 STREAM = "redeploy"
 

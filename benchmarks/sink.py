@@ -23,10 +23,10 @@ from typing import IO, Any
 import orjson
 from aiohttp import web
 
-from aggregator.emulator import FirehoseEmulator
-from aggregator.emulator.__main__ import build_parser, emulator_options, serve
 from benchmarks import eventloop
 from benchmarks.latency import LatencySampler
+from emulator import FirehoseEmulator
+from emulator.__main__ import build_parser, emulator_options, serve
 
 READY_PREFIX = "listening on "
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.keep_records:
-        parser.error("the benchmark sink only counts; use python -m aggregator.emulator")
+        parser.error("the benchmark sink only counts; use python -m emulator")
     try:
         sink = BenchSink(sample_every=args.sample_every, **emulator_options(args))
     except ValueError as exc:

@@ -34,7 +34,7 @@ for _var in [v for v in os.environ if v.startswith("AWS_ENDPOINT_URL")] + [
 ]:
     os.environ.pop(_var, None)
 
-from aggregator.emulator import EmulatorThread  # noqa: E402 - after the credentials env
+from emulator import EmulatorThread  # noqa: E402 - after the credentials env
 
 
 @pytest.fixture(scope="session")

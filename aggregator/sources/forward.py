@@ -457,6 +457,10 @@ class ForwardServer:
             )  # fmt: skip
 
     @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
     def port(self) -> int:
         assert self._server is not None
         port: int = self._server.sockets[0].getsockname()[1]

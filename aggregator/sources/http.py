@@ -1,4 +1,4 @@
-"""The HTTP input, compatible with Fluentd's in_http, plus the service's own endpoints.
+"""The HTTP input, compatible with Fluentd's in_http; the control plane shares its port.
 
 ``POST /app.access`` (or ``/app/access``) carries events for tag ``app.access``: a ``json=`` or
 ``msgpack=`` parameter in the query or a form body, or a JSON or msgpack body; an array is a
@@ -6,17 +6,15 @@ batch; ``time=`` sets the event time (default now). Answers as in_http does: 200
 body, 400 with the reason, 413 for a body over ``body_size_limit``; and 503 when the destination's
 buffer is full and refuses (``overflow_action = throw_exception``).
 
-Reserved paths: ``GET /api/health``, ``POST /api/flush``, ``GET /metrics``. The last two are
-the control plane: with ``control_token`` set they need it as a bearer token; without, flushing
-is for clients on this host only. A request from a web page (an ``Origin`` header not in
-``cors_allow_origins``) is refused, so no browser can be made to post to the aggregator.
+Reserved paths: ``GET /api/health``, ``POST /api/flush``, ``GET /metrics``, answered by
+:mod:`aggregator.control`. A request from a web page (an ``Origin`` header not in
+``cors_allow_origins``) is refused, so no browser can be made to post to the aggregator (nor to
+the control plane).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import logging
 import math
 import time
@@ -28,9 +26,10 @@ import msgpack
 import orjson
 from aiohttp import web
 
-from aggregator import metrics, process
+from aggregator import metrics
 from aggregator.admission import Refused, Wait
 from aggregator.config.model import HttpSource, Server
+from aggregator.control import ControlPlane
 from aggregator.formatting import InvalidEvent
 from aggregator.pipeline import Pipeline
 from aggregator.protocol.decoder import DEFAULT_MAX_ENTRIES
@@ -40,11 +39,6 @@ from aggregator.stores import Commit
 log = logging.getLogger(__name__)
 
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
-FLUSH_MIN_INTERVAL = 1.0
-"""Seconds between two flushes a worker starts for /api/flush: a storm of requests must not
-turn into a storm of tiny PutRecordBatch calls."""
-HEALTH_CACHE_SECONDS = 0.5
-"""How long one computed /api/health answer is served again (it reads every worker's metrics)."""
 
 
 class BadRequest(ValueError):
@@ -69,13 +63,6 @@ def _refusal(refused: Refused) -> web.Response:
     response = _text(429, f"429 Too Many Requests\n{refused.reason}\n")
     response.headers["Retry-After"] = str(max(1, math.ceil(refused.retry_after)))
     return response
-
-
-def is_loopback(address: str | None) -> bool:
-    try:
-        return address is not None and ipaddress.ip_address(address).is_loopback
-    except ValueError:  # a Unix socket, or no address at all
-        return False
 
 
 def tag_from_path(path: str) -> str:
@@ -170,22 +157,20 @@ async def parse_events(
     return [[t, record] for record in records]
 
 
-def _by_destination(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[str, float]:
-    return {dict(labels)["destination"]: value for labels, value in samples.items()}
-
-
 class HttpServer:
     def __init__(self, settings: HttpSource, pipeline: Pipeline, server: Server) -> None:
         self.settings = settings
         self._server = server
         self.pipeline = pipeline
-        self.accepting = True
+        self.control = ControlPlane(pipeline, server.buffer_high_water, settings.control_token)
         self._runner: web.AppRunner | None = None
         self._site: web.BaseSite | None = None
         self._m_events = metrics.INPUT_EVENTS.labels(settings.name)
         self._m_bytes = metrics.INPUT_BYTES.labels(settings.name)
-        self._last_flush = -FLUSH_MIN_INTERVAL
-        self._health_cache: tuple[float, int, bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
 
     @property
     def port(self) -> int:
@@ -198,9 +183,7 @@ class HttpServer:
         app = web.Application(
             client_max_size=self.settings.body_size_limit, middlewares=[self._cors]
         )
-        app.router.add_get("/api/health", self._health)
-        app.router.add_post("/api/flush", self._flush)
-        app.router.add_get("/metrics", self._metrics)
+        self.control.mount(app)
         app.router.add_route("*", "/{path:.*}", self._events)
         return app
 
@@ -225,13 +208,21 @@ class HttpServer:
         )
 
     def stop_accepting(self) -> None:
-        self.accepting = False
+        self.control.stopping = True
 
     async def drain(self, until: float) -> None:
-        """Stop listening, let requests in progress finish (up to the drain timeout), close the
-        rest."""
-        if self._runner is not None:
-            await self._runner.cleanup()
+        """Stop listening, let requests in progress finish until ``until`` (a time.monotonic()
+        time), close the rest."""
+        runner = self._runner
+        if runner is None:
+            return
+        for site in list(runner.sites):
+            await site.stop()
+        if runner.server is not None:
+            # What runner.cleanup() does, but with this stop's deadline, not a fixed timeout.
+            runner.server.pre_shutdown()
+            await runner.server.shutdown(max(0.0, until - time.monotonic()))
+        await runner.cleanup()
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -272,65 +263,6 @@ class HttpServer:
             return _text(503, "503 Service Unavailable\nthe buffer could not be written\n")
         return _text(200)
 
-    async def _health(self, request: web.Request) -> web.Response:
-        """The whole service's state, from any worker: the merged metrics of every worker and
-        the supervisor's count of live workers. Computed at most every HEALTH_CACHE_SECONDS:
-        a load balancer (or anyone) asking often costs a dictionary lookup."""
-        now = time.monotonic()
-        cached = self._health_cache
-        if cached is None or now - cached[0] >= HEALTH_CACHE_SECONDS or not self.accepting:
-            status, body = self._health_state()
-            self._health_cache = cached = (now, status, body)
-        return web.Response(status=cached[1], body=cached[2], content_type="application/json")
-
-    def _health_state(self) -> tuple[int, bytes]:
-        buffered = _by_destination(metrics.values("aggregator_buffer_bytes"))
-        fill = _by_destination(metrics.values("aggregator_buffer_fill_ratio"))
-        last = _by_destination(metrics.values("aggregator_last_success_timestamp_seconds"))
-        high_water = self._server.buffer_high_water
-        problems = [] if self.accepting else ["stopping"]
-        destinations = {}
-        for name, dest in self.pipeline.destinations.items():
-            # This worker's own buffer is exact now; the merged gauges may lag a moment.
-            store = dest.flusher.store
-            ratio = max(fill.get(name, 0.0), store.fill_ratio)
-            if ratio > high_water:
-                problems.append(f"buffer {name} is {ratio:.0%} full")
-            destinations[name] = {
-                "buffered_bytes": int(buffered.get(name, store.held_bytes)),
-                "fill_ratio": round(ratio, 4),
-                "last_success": last.get(name) or dest.flusher.last_success,
-            }
-        body: dict[str, object] = {}
-        state = process.read_state()
-        if state is not None:
-            body["workers"] = state
-            if state["alive"] < state["expected"]:
-                problems.append(f"{state['expected'] - state['alive']} worker(s) missing")
-        body["status"] = "unavailable" if problems else "ok"
-        body["problems"] = problems
-        body["destinations"] = destinations
-        return 503 if problems else 200, orjson.dumps(body)
-
-    async def _flush(self, request: web.Request) -> web.Response:
-        if not self._authorized(request, open_without_token=False):
-            return _text(401, "401 Unauthorized\ncontrol_token required, or ask from this host\n")
-        now = time.monotonic()
-        if now - self._last_flush < FLUSH_MIN_INTERVAL:
-            response = _text(429, "429 Too Many Requests\na flush was started just now\n")
-            response.headers["Retry-After"] = "1"
-            return response
-        self._last_flush = now
-        process.flush_everywhere(self.pipeline.flush_all)
-        return web.Response(status=200, body=b'{"flushed":true}', content_type="application/json")
-
-    def _authorized(self, request: web.Request, *, open_without_token: bool) -> bool:
-        token = self.settings.control_token
-        if token is None:
-            return open_without_token or is_loopback(request.remote)
-        given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
-
     @web.middleware
     async def _cors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         origin = request.headers.get("Origin")
@@ -347,12 +279,4 @@ class HttpServer:
         else:
             response = await handler(request)
         response.headers["Access-Control-Allow-Origin"] = origin
-        return response
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        if not self._authorized(request, open_without_token=True):
-            return _text(401, "401 Unauthorized\ncontrol_token required\n")
-        body, content_type = metrics.render()
-        response = web.Response(status=200, body=body)
-        response.headers["Content-Type"] = content_type
         return response

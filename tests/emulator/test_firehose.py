@@ -22,7 +22,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 import aggregator
-from aggregator.emulator import EmulatorThread, FirehoseEmulator
+from emulator import EmulatorThread, FirehoseEmulator
 
 ONE_ATTEMPT = Config(retries={"total_max_attempts": 1}, read_timeout=5, connect_timeout=2)
 
@@ -254,7 +254,7 @@ def test_command_line() -> None:
         [
             sys.executable,
             "-m",
-            "aggregator.emulator",
+            "emulator",
             "--host",
             "127.0.0.1",
             "--port",
@@ -327,7 +327,7 @@ def test_lose_records_answers_success_but_discards(emulator: EmulatorThread) -> 
 
 
 def test_command_line_lose_records() -> None:
-    from aggregator.emulator.__main__ import build_parser, emulator_options
+    from emulator.__main__ import build_parser, emulator_options
 
     options = emulator_options(build_parser().parse_args(["--lose-records", "3"]))
     assert FirehoseEmulator(**options).lose_records == 3

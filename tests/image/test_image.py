@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 from fluent import sender
 
-from aggregator.emulator import EmulatorThread
+from emulator import EmulatorThread
 from tests.integration.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.image

@@ -20,10 +20,10 @@ import msgpack
 import orjson
 import pytest
 
-from aggregator.emulator import EmulatorThread
 from aggregator.protocol import encode_packed_forward, new_chunk_id
 from aggregator.stores.frames import SEGMENT_HEADER, decode
 from benchmarks.docker_client import DockerLikeClient
+from emulator import EmulatorThread
 from tests.integration.conftest import Aggregator, StartAggregator, free_port, wait_for
 from tests.integration.test_firehose import send_with_acks
 from tests.integration.test_stopping import instance_config

@@ -13,8 +13,8 @@ import boto3
 import msgpack
 import orjson
 
-from aggregator.emulator import EmulatorThread
 from aggregator.protocol import encode_forward, encode_message, new_chunk_id
+from emulator import EmulatorThread
 from tests.conftest import create_s3_stream
 from tests.integration.conftest import (
     BASE_CONFIG,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fluent import sender
 
-from aggregator.emulator import EmulatorThread
+from emulator import EmulatorThread
 from tests.integration.conftest import StartAggregator, wait_for
 
 BLOG = Path(__file__).parents[1] / "config" / "fluentd" / "aws-blog.conf"

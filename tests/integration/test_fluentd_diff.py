@@ -20,8 +20,8 @@ from typing import Any
 import msgpack
 import orjson
 
-from aggregator.emulator import EmulatorThread
 from aggregator.protocol import encode_message, new_chunk_id
+from emulator import EmulatorThread
 from tests.integration.conftest import StartAggregator, StartFluentd, needs_fluentd, wait_for
 
 FIXTURES = Path(__file__).parents[1] / "config" / "fluentd"

@@ -14,9 +14,9 @@ from typing import Any
 import msgpack
 import orjson
 
-from aggregator.emulator import EmulatorThread
 from aggregator.protocol import EventTime, encode_forward, new_chunk_id
 from aggregator.protocol.handshake import ClientHandshake
+from emulator import EmulatorThread
 from tests.integration.conftest import (
     StartAggregator,
     StartFluentd,

@@ -16,7 +16,7 @@ import msgpack
 import orjson
 import pytest
 
-from aggregator.sources.http import is_loopback
+from aggregator.control import is_loopback
 from tests.integration.conftest import (
     FILE_CONFIG,
     Aggregator,

@@ -20,8 +20,8 @@ import msgpack
 import orjson
 import pytest
 
-from aggregator.emulator import EmulatorThread
 from aggregator.protocol import encode_message, encode_packed_forward, new_chunk_id
+from emulator import EmulatorThread
 from tests.integration.conftest import Aggregator, StartAggregator, wait_for
 from tests.integration.test_stopping import instance_config
 

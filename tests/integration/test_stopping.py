@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
-from aggregator.emulator import EmulatorThread
 from benchmarks.docker_client import DockerLikeClient
+from emulator import EmulatorThread
 from tests.integration.conftest import Aggregator, StartAggregator, free_port, read_ndjson, wait_for
 from tests.integration.test_firehose import (
     DEAD_LETTER,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import orjson
 
-from aggregator.emulator import EmulatorThread
 from aggregator.protocol import encode_forward, encode_message
 from aggregator.supervisor import RESTART_BACKOFF_MIN
+from emulator import EmulatorThread
 from tests.integration.conftest import (
     FILE_CONFIG,
     Aggregator,

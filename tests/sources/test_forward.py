@@ -19,12 +19,12 @@ import uvloop
 
 from aggregator import metrics
 from aggregator.config.model import Config
-from aggregator.emulator import EmulatorThread
 from aggregator.pipeline import Pipeline
 from aggregator.protocol import encode_message
 from aggregator.sources.forward import ACK_HIGH_WATER, ForwardServer
 from aggregator.sources.tcp import unread_bytes
 from benchmarks.docker_client import DockerLikeClient
+from emulator import EmulatorThread
 from tests.test_formatting import deep
 
 

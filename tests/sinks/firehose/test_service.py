@@ -9,7 +9,6 @@ import socket
 import pytest
 
 from aggregator.config.model import FirehoseDestination
-from aggregator.emulator import EmulatorThread
 from aggregator.metrics import REGISTRY
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
 from aggregator.sinks.firehose.record import Records
@@ -19,6 +18,7 @@ from aggregator.sinks.firehose.service import (
     classify_client_error,
     snake_case,
 )
+from emulator import EmulatorThread
 from tests.sinks.firehose.support import firehose_settings as settings
 
 

@@ -13,9 +13,9 @@ import pytest
 from botocore.config import Config
 
 from aggregator.config.model import FirehoseDestination
-from aggregator.emulator import EmulatorThread
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
 from aggregator.sinks.firehose import FirehoseSink
+from emulator import EmulatorThread
 from tests.conftest import create_s3_stream
 from tests.sinks.firehose.support import firehose_settings as settings
 

@@ -1,4 +1,4 @@
-"""``python -m aggregator.emulator``: the Firehose emulator as a process, for benchmarks and
+"""``python -m emulator``: the Firehose emulator as a process, for benchmarks and
 end-to-end runs. Prints ``listening on http://HOST:PORT`` once it accepts connections (so a
 runner can wait for that line and learn the port), then serves until SIGTERM or SIGINT.
 
@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Any
 
-from aggregator.emulator.firehose import FirehoseEmulator
+from emulator.firehose import FirehoseEmulator
 
 
 def add_fault_arguments(
@@ -34,7 +34,7 @@ def add_fault_arguments(
 
 
 def build_parser(
-    prog: str = "python -m aggregator.emulator", description: str = "A fake Kinesis Data Firehose."
+    prog: str = "python -m emulator", description: str = "A fake Kinesis Data Firehose."
 ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--host", default="127.0.0.1")

@@ -1,5 +1,5 @@
 """The project's own Firehose emulator, for fault-injection tests and benchmarks."""
 
-from aggregator.emulator.firehose import AcceptHook, EmulatorThread, FirehoseEmulator
+from emulator.firehose import AcceptHook, EmulatorThread, FirehoseEmulator
 
 __all__ = ["AcceptHook", "EmulatorThread", "FirehoseEmulator"]
