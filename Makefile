@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/aggregator.toml
 
-.PHONY: run test lint check-config clean image image-test podman-deps base-image fluentd-deps
+.PHONY: run test lint rules check-config clean image image-test podman-deps base-image fluentd-deps \
+        prometheus-deps
 
 # The stamp files make the install step re-run whenever pyproject.toml changes.
 $(BIN)/python:
@@ -22,8 +23,19 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/aggregator run -c $(CONFIG)
 
-test: lint fluentd-deps
+test: lint rules fluentd-deps
 	$(BIN)/python -m pytest
+
+# Debian's prometheus package: promtool for the alert rules' unit tests, and the prometheus
+# binary that tests/deploy/test_monitoring.py runs against a live service.
+prometheus-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
+	  || { $(SUDO) apt-get update -q && \
+	       $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
+rules: prometheus-deps
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
 
 # Fluentd itself, for the tests that run the same fluent.conf through it and through us
 # (tests/integration/test_fluentd_diff.py): where the peer build is beside this checkout, its

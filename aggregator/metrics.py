@@ -13,6 +13,7 @@ worst live worker.
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any
 
 from prometheus_client import (
@@ -216,6 +217,18 @@ WORKER_WATCHDOG_KILLS = Counter(
 WORKER_RESTARTS = Counter(
     "aggregator_worker_restarts", "Workers started again after they died.", registry=REGISTRY
 )
+# prometheus-client's own process_* metrics are per process and left out of the multiprocess
+# view; these add up every process of the service (its supervisor and workers).
+PROCESS_CPU_SECONDS = Counter(
+    "aggregator_process_cpu_seconds",
+    "CPU time (user and system) the service's processes used, summed over them.",
+    registry=REGISTRY,
+)
+PROCESS_RESIDENT_BYTES = Gauge(
+    "aggregator_process_resident_memory_bytes",
+    "Resident memory of the service's live processes, summed over them.",
+    registry=REGISTRY, multiprocess_mode="livesum",
+)  # fmt: skip
 
 
 class Tally:
@@ -253,6 +266,26 @@ def tally(counter: Any) -> Tally:
 def publish_tallies() -> None:
     for t in _TALLIES.values():
         t.publish()
+
+
+class ProcessUsage:
+    """This process's CPU time and resident memory, published into the two metrics above."""
+
+    def __init__(self) -> None:
+        self._cpu = 0.0
+        self._page_size = os.sysconf("SC_PAGE_SIZE")
+
+    def publish(self) -> None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = usage.ru_utime + usage.ru_stime
+        if cpu > self._cpu:
+            PROCESS_CPU_SECONDS.inc(cpu - self._cpu)
+            self._cpu = cpu
+        try:
+            with open("/proc/self/statm", "rb") as statm:
+                PROCESS_RESIDENT_BYTES.set(int(statm.read().split()[1]) * self._page_size)
+        except (OSError, IndexError, ValueError):  # not Linux: the peak is what there is
+            PROCESS_RESIDENT_BYTES.set(usage.ru_maxrss * 1024)
 
 
 def multiprocess() -> bool:

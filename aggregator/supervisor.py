@@ -235,10 +235,13 @@ class Supervisor:
         )
 
     async def _watch_workers(self) -> None:
-        """Kill a serving worker whose beats stopped; _supervise starts it again."""
+        """Kill a serving worker whose beats stopped; _supervise starts it again. Publish the
+        supervisor's CPU and memory on the way."""
         timeout = self.config.server.worker_watchdog_timeout
+        usage = metrics.ProcessUsage()  # the supervisor's own share of the task's CPU and memory
         while not self._stopping:
             await asyncio.sleep(process.HEARTBEAT_INTERVAL)
+            usage.publish()
             now = time.monotonic()
             for slot in self.slots:
                 proc = slot.proc

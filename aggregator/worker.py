@@ -219,9 +219,11 @@ async def beat(fd: int) -> None:
 
 
 async def publish_metrics() -> None:
+    usage = metrics.ProcessUsage()
     while True:
         await asyncio.sleep(metrics.TALLY_PUBLISH_INTERVAL)
         metrics.publish_tallies()
+        usage.publish()
 
 
 GC_GEN0_THRESHOLD = 50_000
