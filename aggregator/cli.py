@@ -1,4 +1,4 @@
-"""Command line: ``aggregator run``, ``check``, ``health`` and ``convert``."""
+"""Command line: ``aggregator run``, ``check``, ``health``, ``top`` and ``convert``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ DEFAULT_CONFIG = "conf/aggregator.toml"
 CONFIG_ENV = "AGGREGATOR_CONFIG"
 """Names the config file when ``-c`` is not given (the container image sets it)."""
 HEALTH_TIMEOUT = 3.0
+TOP_INTERVAL = 1.0
+TOKEN_ENV = "CONTROL_TOKEN"
+"""The control token ``top`` sends, as the shipped conf/fargate.toml reads it."""
 
 
 def _guards(src: Source) -> str:
@@ -122,15 +125,25 @@ def convert(path: str) -> int:
     return EXIT_OK
 
 
-def health_url(config: Config) -> str | None:
-    """Where this host's ``/api/health`` answers: the first HTTP source, on loopback when it
-    listens on every address."""
+def control_url(config: Config, path: str) -> str | None:
+    """Where this host's control plane answers ``path``: the first HTTP source, on loopback
+    when it listens on every address."""
     for src in config.sources:
         if src.type == "http":
             host = "127.0.0.1" if src.bind in ("0.0.0.0", "") else src.bind
             host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
-            return f"http://{host}:{src.port}/api/health"
+            return f"http://{host}:{src.port}{path}"
     return None
+
+
+def control_token(config: Config) -> str | None:
+    return next((src.control_token for src in config.sources if src.type == "http"), None)
+
+
+def metrics_url(url: str) -> str:
+    """``--url``: the service's address, or its /metrics URL."""
+    url = url if "://" in url else f"http://{url}"
+    return url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
 
 
 def health(url: str, timeout: float) -> int:
@@ -145,6 +158,15 @@ def health(url: str, timeout: float) -> int:
     except (OSError, ValueError) as exc:
         print(f"unhealthy: {url}: {exc}")
     return 1
+
+
+def _top(url: str, token: str | None, args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        print("aggregator top: --interval must be above 0", file=sys.stderr)
+        return EXIT_CONFIG
+    from aggregator import top  # rich, only for this command
+
+    return top.run(url, token, args.interval, args.once)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,6 +188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe.add_argument("-c", "--config", default=default_config, help=config_help)
     probe.add_argument("--url", help="the health URL (default: the config's HTTP source)")
     probe.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT, help="seconds")
+    top = commands.add_parser("top", help="a live view of a running service, from its /metrics")
+    top.add_argument("-c", "--config", default=default_config,
+                     help=config_help + "; its HTTP source and control_token say where to ask")
+    top.add_argument("--url", help="the service's HTTP port or /metrics URL, e.g. "
+                     "http://10.0.3.7:8888 (default: from the config)")
+    top.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+                     help=f"the control_token (default: ${TOKEN_ENV}, else the config's)")
+    top.add_argument("--interval", type=float, default=TOP_INTERVAL,
+                     help=f"seconds between two views (default {TOP_INTERVAL:g})")
+    top.add_argument("--once", action="store_true",
+                     help="print one view (two scrapes --interval apart) and exit, for scripts")
     to_toml = commands.add_parser("convert", help="print a fluent.conf as this service's TOML")
     to_toml.add_argument("fluent_conf", help="Fluentd configuration file")
     args = parser.parse_args(argv)
@@ -174,11 +207,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return convert(args.fluent_conf)
     if args.command == "health" and args.url:
         return health(args.url, args.timeout)
+    if args.command == "top" and args.url:
+        return _top(metrics_url(args.url), args.token, args)
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG if args.command != "health" else 1
+    if args.command == "top":
+        url = control_url(config, "/metrics")
+        if url is None:
+            print("aggregator top: the config has no http source to ask; use --url",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        return _top(url, args.token or control_token(config), args)
     if args.command == "health":
-        url = health_url(config)
+        url = control_url(config, "/api/health")
         if url is None:
             print("unhealthy: the config has no http source to ask", file=sys.stderr)
             return 1

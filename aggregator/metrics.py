@@ -88,6 +88,11 @@ BUFFER_BYTES = Gauge(
     "bookkeeping), disk for a file buffer.",
     ["destination"], registry=REGISTRY, multiprocess_mode="livesum",
 )  # fmt: skip
+BUFFER_EVENTS = Counter(
+    "aggregator_buffer_events",
+    "Events appended to the destination's buffer (after filters and limits), by destination.",
+    ["destination"], registry=REGISTRY,
+)  # fmt: skip
 BUFFER_DISK_BYTES = Gauge(
     "aggregator_buffer_disk_bytes", "Bytes of a file buffer's segment files.", ["destination"],
     registry=REGISTRY, multiprocess_mode="livesum",

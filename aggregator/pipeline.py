@@ -59,6 +59,11 @@ class Destination:
     formatter: Formatter
     flusher: Flusher
     shares: Shares
+    taken: metrics.Tally = field(init=False)
+    """Events appended to its buffer (aggregator_buffer_events_total)."""
+
+    def __post_init__(self) -> None:
+        self.taken = metrics.tally(metrics.BUFFER_EVENTS.labels(self.name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +204,7 @@ class Pipeline:
         if lines:
             cost = self.admission.charge(tenant, dest.shares, nbytes, len(lines))
             commit = dest.flusher.store.append(tag, lines, nbytes)
+            dest.taken.pending += len(lines)
             if commit is not None:
                 if tenant.limits.buffer_share is not None:  # not written: not held
                     commit.then(partial(_uncharge, dest.shares, tenant, cost))
