@@ -4,13 +4,13 @@ would read it."""
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 
 from emulator import EmulatorThread
 from tests.integration.conftest import StartAggregator, free_port
 from tests.integration.test_cli import aggregator
-from tests.integration.test_firehose import firehose_config, send_with_acks
+from tests.integration.test_firehose import firehose_config
+from tests.integration.test_monitoring import Load
 
 
 def row(output: str, name: str) -> list[str]:
@@ -26,17 +26,6 @@ def number(cell: str) -> float:
     value = cell.replace(",", "")
     scale = {"k": 1e3, "M": 1e6}.get(value[-1], 1.0)
     return float(value.rstrip("kM")) * scale
-
-
-class Load(threading.Thread):
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port, self.done, self.sent = port, threading.Event(), 0
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            send_with_acks(self.port, "app", range(self.sent, self.sent + 500))
-            self.sent += 500
 
 
 def test_once_shows_each_destination_with_its_event_rate(
