@@ -90,7 +90,7 @@ class Tenant:
     """One tenant in this worker: its limits, its token bucket, its metrics' label."""
 
     __slots__ = ("_clock", "burst", "label", "limits", "m_bytes", "name", "rate",
-                 "tag_length_limit", "tokens", "updated")  # fmt: skip
+                 "tag_length_limit", "tokens", "unlimited", "updated")  # fmt: skip
 
     def __init__(
         self, name: str, label: str, limits: TenantLimits, share: float,
@@ -107,6 +107,10 @@ class Tenant:
         self.burst = None if burst is None else burst * share
         self.tokens = self.burst or 0.0
         self.updated = clock()
+        self.unlimited = (
+            self.rate is None and limits.buffer_share is None and limits.max_event_size is None
+        )
+        """No rate, share or size to keep: only its bytes are counted (the per-read fast path)."""
 
     def rate_wait(self) -> float:
         """0 when the tenant may send now, else the seconds until it may."""
@@ -248,6 +252,8 @@ class Admission:
     ) -> Wait | Refused | None:
         """May ``tenant`` add to ``flusher``'s buffer now? ``can_wait``: the sender may be made
         to wait for the tenant's limits (no acks, a connection of its own)."""
+        if tenant.unlimited and flusher.store.has_room():
+            return None
         if (delay := tenant.rate_wait()) > 0:
             if can_wait:
                 return Wait(lambda: asyncio.sleep(delay))
@@ -277,6 +283,9 @@ class Admission:
     def charge(self, tenant: Tenant, shares: Shares, nbytes: int, events: int) -> int:
         """What a message cost once formatted: from the bucket, into the share (as the store
         counts it, which is returned)."""
+        if tenant.unlimited:
+            tenant.m_bytes.pending += nbytes
+            return 0  # nothing is charged to a share, nothing to give back
         tenant.charge(nbytes)
         cost = shares.cost(nbytes, events)
         shares.charge(tenant, cost)

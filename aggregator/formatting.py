@@ -200,25 +200,28 @@ class Formatter:
         """The lines for ``entries`` (``[[time, record], ...]``) and their total size. An entry
         that cannot be encoded is left out and counted; with ``strict``, it raises
         :class:`InvalidEvent` instead, and nothing is encoded."""
-        if len(entries) <= ENCODE_SLICE:  # the common case: one slice, no copy
-            return self._encode_slice(tag, entries, strict)
+        if len(entries) > ENCODE_SLICE:
+            return self._encode_slices(tag, entries, strict)
+        try:  # the common case: one slice, no copy, every entry fine
+            lines, nbytes = self._encode_fast(tag, entries)
+        except (orjson.JSONEncodeError, ValueError, TypeError, OverflowError, OSError):
+            return self._encode_each(tag, entries, strict)
+        return Encoded(lines, nbytes)
+
+    def _encode_slices(self, tag: str, entries: Sequence[Any], strict: bool) -> Encoded:
         lines: list[bytes] = []
         nbytes = invalid = 0
         error = ""
         for start in range(0, len(entries), ENCODE_SLICE):
-            part = self._encode_slice(tag, entries[start : start + ENCODE_SLICE], strict)
+            part = self.encode(tag, entries[start : start + ENCODE_SLICE], strict=strict)
             lines += part.lines
             nbytes += part.nbytes
             invalid += part.invalid
             error = error or part.error
         return Encoded(lines, nbytes, invalid, error)
 
-    def _encode_slice(self, tag: str, entries: Sequence[Any], strict: bool) -> Encoded:
-        try:
-            lines, nbytes = self._encode_fast(tag, entries)
-            return Encoded(lines, nbytes)
-        except (orjson.JSONEncodeError, ValueError, TypeError, OverflowError, OSError):
-            pass
+    def _encode_each(self, tag: str, entries: Sequence[Any], strict: bool) -> Encoded:
+        """The slow path: entry by entry, each checked; what cannot be encoded is left out."""
         invalid, error = 0, ""
         lines = []
         for entry in entries:
@@ -276,7 +279,7 @@ class Formatter:
                 record[time_key] = fmt(t)
                 append(record)
         if len(records) == 1:  # one message per read, as Docker's driver writes: no split
-            # A copy of exactly its size: orjson's own allocation is 4 KiB (see _encode_slice).
+            # A copy of exactly its size: orjson's own allocation is 4 KiB (see _encode_each).
             line = bytes(memoryview(orjson.dumps(records[0], default=_default, option=_APPEND)))
             return [line], len(line)
         items: list[Any] = [_BREAK] * (2 * len(records) - 1)

@@ -151,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the peer's executable (default: ../shared/peers/fluent-bit)",
     )  # fmt: skip
     peers.add_argument(
-        "--against", metavar="SETTING=VALUE", type=_against,
-        help="instead of a peer, the aggregator with one setting changed: buffer=memory|file, "
-        "limits=on|off, filters=none|KIND,... or source=DIR (another checkout's aggregator: a "
-        "before/after) (e.g. --buffer file --against buffer=memory: what the file buffer costs)",
+        "--against", metavar="SETTING=VALUE", type=_against, action="append",
+        help="instead of a peer, the aggregator with a setting changed (repeat for several): "
+        "buffer=memory|file, limits=on|off, filters=none|KIND,... or source=DIR (another "
+        "checkout's aggregator: a before/after) (e.g. --buffer file --against buffer=memory: "
+        "what the file buffer costs)",
     )  # fmt: skip
     peers.add_argument(
         "--pairs", type=_positive_int, default=1, metavar="N",
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                 other = dataclasses.replace(config, subject=args.peer, buffer="memory",
                                             json_path=None)  # fmt: skip
             elif args.against is not None:
-                other = dataclasses.replace(config, **args.against, json_path=None)
+                changes = {k: v for change in args.against for k, v in change.items()}
+                other = dataclasses.replace(config, **changes, json_path=None)
             if args.pairs > 1 and other is None:
                 raise ValueError("--pairs compares with a peer: give --peer too")
     except (ValueError, OSError) as exc:  # bad settings, or a results file that is not there

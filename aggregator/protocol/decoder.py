@@ -92,6 +92,7 @@ class ForwardDecoder:
         self._drained = False
         # Bytes received but not yet given to the unpacker, which holds at most the limit.
         self._backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0  # their total, kept as they come and go (asked every read)
         self._error: ProtocolError | None = None
 
     def _renew_unpacker(self) -> None:
@@ -108,10 +109,11 @@ class ForwardDecoder:
     @property
     def pending_bytes(self) -> int:
         """Bytes received but not yet returned as a message (non-zero at EOF: a cut message)."""
-        return self._fed - self._start + sum(map(len, self._backlog))
+        return self._fed - self._start + self._backlog_bytes
 
     def receive_data(self, data: bytes) -> None:
-        self._check_alive()
+        if self._error is not None:
+            self._check_alive()
         if not data:
             return
         self._drained = False
@@ -119,6 +121,7 @@ class ForwardDecoder:
             self._feed(data)  # the common case: it all fits
         else:
             self._backlog.append(data)
+            self._backlog_bytes += len(data)
             self._feed_backlog()
 
     def next_message(self) -> Message | None:
@@ -185,10 +188,11 @@ class ForwardDecoder:
             batch = _batch_of(first)
         max_size, entries_limit = self._max, self._max_entries
         next_obj, tell = self._next, self._unpacker.tell
+        chunk: Any = None  # an inline message's chunk id (when it has options: size 4)
         # This loop runs once per message (Docker's driver sends one event per message, often
         # one message per read), so the common case is inline: a Message-mode event without
-        # options, already in the unpacker. Anything else (no complete message, an error,
-        # another shape) takes next_raw() and parse_message().
+        # options or with only a chunk id to acknowledge, already in the unpacker. Anything else
+        # (no complete message, an error, another shape) takes next_raw() and parse_message().
         while batch is None or len(batch.entries) < max_entries:
             try:
                 obj = next_obj()
@@ -209,23 +213,37 @@ class ForwardDecoder:
                 self._start = end
                 if obj is None:  # a heartbeat
                     continue
-                if type(obj) is list and len(obj) == 3 and (
-                    # an EventTime (as decoded: see events.event_seconds), or a number
-                    (
-                        (t := obj[1]).__class__ is slice
-                        and t.start == EVENT_TIME_EXT_TYPE
-                        and len(t.stop) == 8
+                if (
+                    type(obj) is list
+                    # no options, or options with a chunk id (a client that asks for acks)
+                    and (
+                        (size := len(obj)) == 3
+                        or (
+                            size == 4
+                            and type(options := obj[3]) is dict
+                            and type(chunk := options.get("chunk")) is str
+                        )
                     )
-                    or t.__class__ is float
-                    or t.__class__ is int
+                    # an EventTime (as decoded: see events.event_seconds), or a number
+                    and (
+                        (
+                            (t := obj[1]).__class__ is slice
+                            and t.start == EVENT_TIME_EXT_TYPE
+                            and len(t.stop) == 8
+                        )
+                        or t.__class__ is float
+                        or t.__class__ is int
+                    )
                 ):
                     tag = obj[0]
                     inline = True
                     if batch is not None and tag == batch.tag:
-                        batch.entries.append([obj[1], obj[2]])
+                        batch.entries.append([t, obj[2]])
                         batch.nbytes += nbytes
+                        if size == 4:
+                            batch.chunks.append(chunk)
                     elif batch is None and type(tag) is str and tag and tag.isascii():
-                        batch = Batch(tag, [[obj[1], obj[2]]], [], nbytes)
+                        batch = Batch(tag, [[t, obj[2]]], [chunk] if size == 4 else [], nbytes)
                     else:
                         inline = False  # another tag, or one to check: the general path
                     if inline:
@@ -287,9 +305,11 @@ class ForwardDecoder:
             data = self._backlog[0]
             if len(data) <= room:
                 self._backlog.popleft()
+                self._backlog_bytes -= len(data)
                 self._feed(data)
             else:
                 self._backlog[0] = data[room:]
+                self._backlog_bytes -= room
                 self._feed(data[:room])
 
     def _check_alive(self) -> None:

@@ -558,6 +558,50 @@ def test_batch_merges_consecutive_messages_with_the_same_tag() -> None:
     assert decoder.next_batch() is None
 
 
+few_tags = st.sampled_from(["a", "b"])  # so that neighbours often share their tag
+message_or_forward = st.one_of(
+    st.builds(
+        lambda t, tm, r, c: encode_message(t, tm, r, chunk=c), few_tags, times, records, chunks
+    ),
+    st.builds(lambda t, e, c: encode_forward(t, e, chunk=c), few_tags, entry_lists, chunks),
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(message_or_forward, min_size=1, max_size=10), st.data())
+def test_batches_hold_exactly_what_the_messages_hold(
+    wire: list[bytes], data: st.DataObject
+) -> None:
+    """next_batch's inline path (Message mode, with or without a chunk id) against the general
+    one: the same entries, chunk ids and bytes, merged by consecutive tag, at any read split."""
+    stream = b"".join(wire)
+    expected: list[tuple[str, list[Any], list[str], int]] = []
+    for m in decode_all(stream):
+        if expected and expected[-1][0] == m.tag:
+            expected[-1][1].extend(m.entries)
+            expected[-1][2].extend([] if m.chunk is None else [m.chunk])
+            expected[-1] = (m.tag, expected[-1][1], expected[-1][2], expected[-1][3] + m.nbytes)
+        else:
+            ids = [] if m.chunk is None else [m.chunk]
+            expected.append((m.tag, list(m.entries), ids, m.nbytes))
+    decoder = ForwardDecoder()
+    decoder.receive_data(stream)  # all at once: batches merge across every message
+    got = [(b.tag, b.entries, b.chunks, b.nbytes) for b in iter(decoder.next_batch, None)]
+    assert got == expected
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    decoder, start = ForwardDecoder(), 0
+    entries: list[Any] = []
+    chunk_ids: list[str] = []
+    for end in [*cuts, len(stream)]:  # in pieces: batches end with a read, nothing is lost
+        decoder.receive_data(stream[start:end])
+        start = end
+        for batch in iter(decoder.next_batch, None):
+            entries += batch.entries
+            chunk_ids += batch.chunks
+    assert entries == [e for _, es, _, _ in expected for e in es]
+    assert chunk_ids == [c for _, _, cs, _ in expected for c in cs]
+
+
 def test_batch_stops_at_the_entry_limit() -> None:
     decoder = ForwardDecoder()
     decoder.receive_data(b"".join(encode_message("t", 1, {"i": i}) for i in range(10)))
