@@ -36,12 +36,47 @@ of 200-500 B events are 16,000-40,000, Docker's driver sends one event per messa
 DEFAULT_BATCH_ENTRIES = 256
 INITIAL_BUFFER_SIZE = 16 * 1024
 """The unpacker's buffer at first. It grows to hold a big read or message and never shrinks,
-so a decoder that outgrew it starts a new one once it holds no partial message."""
+so an unpacker that outgrew it is let go once it holds no partial message."""
 
 _GZIP_WBITS = 31  # zlib's spelling of "gzip header and trailer, not raw deflate or zlib"
 _PLAIN_COMPRESSED = (None, "text")  # out_forward sends compressed="text" when not compressing
 _NEED_DATA: Any = object()
 _NIL = b"\xc0"
+
+
+SPARE_UNPACKERS = 16
+"""Idle unpackers kept for the decoders of this process to share. An msgpack Unpacker costs
+about 40 KiB however small its buffer (its parsing stack is part of it): a decoder holds one
+only while it has bytes to decode or a message partly received, so a thousand idle connections
+do not hold a thousand (nor 40 MiB), and one busy loop turns with a few."""
+_spares: dict[tuple[int, int], list[Any]] = {}
+
+
+class _NoUnpacker:
+    """Stands for the unpacker while a decoder holds none: there is nothing to decode."""
+
+    def __next__(self) -> Any:
+        raise StopIteration
+
+    def tell(self) -> int:
+        return 0
+
+
+_IDLE = _NoUnpacker()
+
+
+def _take_unpacker(max_size: int, max_items: int) -> Any:
+    try:  # one pop: decoders in other threads (a client's) may share the spares
+        return _spares[(max_size, max_items)].pop()
+    except (KeyError, IndexError):
+        return _new_unpacker(max_size, max_items)
+
+
+def _give_unpacker(unpacker: Any, max_size: int, max_items: int) -> None:
+    """Keep an unpacker that holds no partial message (its next byte starts one) for reuse."""
+    spares = _spares.setdefault((max_size, max_items), [])
+    if len(spares) < SPARE_UNPACKERS:
+        spares.append(unpacker)
 
 
 def _new_unpacker(max_size: int, max_items: int = DEFAULT_MAX_ENTRIES) -> Any:
@@ -85,7 +120,7 @@ class ForwardDecoder:
             raise ValueError("max_message_size and max_entries must be positive")
         self._max = max_message_size
         self._max_entries = max_entries
-        self._renew_unpacker()
+        self._release_unpacker()  # until bytes come
         self._lookahead: Message | None = None  # decoded by next_batch, for the next batch
         # next_batch found nothing more to decode and no bytes have come since: the next call
         # returns None at once (each call would otherwise raise StopIteration in msgpack).
@@ -95,16 +130,26 @@ class ForwardDecoder:
         self._backlog_bytes = 0  # their total, kept as they come and go (asked every read)
         self._error: ProtocolError | None = None
 
-    def _renew_unpacker(self) -> None:
-        """A new unpacker: at first, and to give back a grown buffer once nothing is pending
-        (an idle connection would otherwise keep its biggest read's memory for good)."""
-        self._unpacker = _new_unpacker(self._max, self._max_entries)
+    def _take_unpacker(self) -> None:
+        """An unpacker to decode with, from the spares (see :data:`SPARE_UNPACKERS`)."""
+        self._unpacker = _take_unpacker(self._max, self._max_entries)
         self._next = self._unpacker.__next__
-        self._fed = 0  # offset, in this unpacker's stream, of the end of the bytes fed so far
-        # Offset where the next message starts. Not unpacker.tell() itself: that also moves
-        # through a message that is only partly received.
-        self._start = 0
+        # Offsets in the unpacker's stream: the end of the bytes fed so far, and where the next
+        # message starts. Not unpacker.tell() itself: that also moves through a message that is
+        # only partly received.
+        offset: int = self._unpacker.tell()
+        self._fed = self._start = offset
         self._grown = False  # whether the unpacker has held more than its initial buffer
+
+    def _release_unpacker(self) -> None:
+        """Everything received is decoded: give the unpacker back to the spares, unless it grew
+        (a big read's buffer is let go with it)."""
+        unpacker: Any = getattr(self, "_unpacker", _IDLE)
+        if unpacker is not _IDLE and not self._grown:
+            _give_unpacker(unpacker, self._max, self._max_entries)
+        self._unpacker = _IDLE
+        self._next = _IDLE.__next__
+        self._fed = self._start = 0
 
     @property
     def pending_bytes(self) -> int:
@@ -117,6 +162,8 @@ class ForwardDecoder:
         if not data:
             return
         self._drained = False
+        if self._unpacker is _IDLE:
+            self._take_unpacker()
         if not self._backlog and self._fed - self._start + len(data) <= self._max:
             self._feed(data)  # the common case: it all fits
         else:
@@ -281,10 +328,10 @@ class ForwardDecoder:
 
     def _emptied(self) -> None:
         """Everything received is decoded: next_batch has nothing to do until more arrives, and
-        a grown unpacker can give its buffer back."""
+        the unpacker can go back to the spares."""
         self._drained = True
-        if self._grown and self._start == self._fed:
-            self._renew_unpacker()
+        if self._start == self._fed:  # no message partly received
+            self._release_unpacker()
 
     def _feed(self, data: bytes) -> None:
         try:

@@ -686,3 +686,27 @@ def test_packed_entries_up_to_the_limit_pass() -> None:
     decoder.receive_data(encode_packed_forward("t", entries))
     with pytest.raises(ProtocolError, match="over 999 entries"):
         decoder.next_message()
+
+
+def test_idle_decoders_share_a_few_unpackers() -> None:
+    """An msgpack Unpacker costs about 40 KiB: a decoder with nothing partly received holds
+    none, and one that has part of a message keeps its own until the message is whole."""
+    message = encode_message("t", 1, {"log": "x" * 100})
+    decoders = [ForwardDecoder() for _ in range(50)]
+    held = set()
+    for decoder in decoders:
+        decoder.receive_data(message + message[:10])  # one whole message and part of one
+        batch = decoder.next_batch()
+        assert batch is not None and len(batch.entries) == 1
+        assert decoder.next_batch() is None
+        held.add(id(decoder._unpacker))
+    assert len(held) == 50  # each keeps the one its partial message is in
+    for decoder in decoders:
+        decoder.receive_data(message[10:])
+        batch = decoder.next_batch()
+        assert batch is not None and batch.entries[0][1] == {"log": "x" * 100}
+        assert decoder.next_batch() is None and decoder.pending_bytes == 0
+    assert not any(hasattr(d._unpacker, "feed") for d in decoders)  # all given back
+    for decoder in decoders:  # and taken again: each stream still decodes on its own
+        decoder.receive_data(message * 2)
+        assert [len(b.entries) for b in iter(decoder.next_batch, None)] == [2]
