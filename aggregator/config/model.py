@@ -188,13 +188,13 @@ class ForwardSource(Strict):
         gt=0,
         description="Close a connection silent this long, at that safe moment (a client "
         "without acks sends its next line again on a new connection, one with acks gets FIN "
-        "after its last ack). Unset: never. Idle connections hold a descriptor and ~50 KiB.",
+        "after its last ack). Unset: never. Idle connections hold a descriptor and ~3 KiB.",
     )
     max_connections: int = Field(
         10_000,
         ge=1,
         description="Open connections per worker; one more is closed at once, logged and counted "
-        "(aggregator_connections_refused_total). Each open connection costs about 50-90 KiB.",
+        "(aggregator_connections_refused_total). Each open connection costs about 3-30 KiB.",
     )
     max_connection_age: Duration | None = Field(
         None,
