@@ -5,8 +5,9 @@ classifies: records refused inside a successful call are retried, whole-call err
 passing (:class:`RetryableError`) or final (the lines are rejected with the error code as the
 reason).
 
-botocore finds and refreshes credentials (the standard chain: env, ECS task role...; with
-``assume_role``, a role assumed with those, as the Kinesis plugin's <assume_role_credentials>);
+Credentials from the environment or the ECS task role are read by credentials.py; the rest of
+the SDKs' chain (profiles, instance metadata...) and ``assume_role`` (a role assumed with those,
+as the Kinesis plugin's <assume_role_credentials>) by botocore, loaded only for them;
 signing.py signs (SigV4); the endpoint is Firehose's public one for the region unless
 ``endpoint_url`` (or the SDKs' AWS_ENDPOINT_URL_FIREHOSE / AWS_ENDPOINT_URL) is set;
 the request body and the response are handled here, because
@@ -26,12 +27,6 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import orjson
-from aiobotocore.config import AioConfig
-from aiobotocore.credentials import (
-    AioAssumeRoleCredentialFetcher,
-    AioDeferredRefreshableCredentials,
-)
-from aiobotocore.session import AioSession
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -43,6 +38,7 @@ from botocore.exceptions import (
 from aggregator.config.model import AssumeRole, FirehoseDestination
 from aggregator.metrics import FIREHOSE_FAILED_RECORDS, FIREHOSE_REQUESTS
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
+from aggregator.sinks.firehose.credentials import Container, from_environment
 from aggregator.sinks.firehose.http import HttpClient, HttpError, proxy_for
 from aggregator.sinks.firehose.request_builder import Batch
 from aggregator.sinks.firehose.signing import Signer
@@ -173,7 +169,7 @@ class FirehoseService:
         self._settings = settings
         self._timeout = settings.request_timeout
         self._http: HttpClient | None = None
-        self._session: AioSession | None = None
+        self._session: Any = None  # botocore's (aiobotocore), made only when it is needed
         self._credentials: Any = None
         self._credentials_lock = asyncio.Lock()
         self._url = ""
@@ -187,10 +183,12 @@ class FirehoseService:
 
     async def start(self) -> None:
         settings = self._settings
-        session = AioSession()
         # AWS_REGION is what ECS sets and newer SDKs read; botocore reads AWS_DEFAULT_REGION.
         region = (
-            settings.region or os.environ.get("AWS_REGION") or session.get_config_variable("region")
+            settings.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or self._botocore().get_config_variable("region")  # a profile's
         )
         if not region:
             raise ValueError(
@@ -199,7 +197,6 @@ class FirehoseService:
         # Not a botocore client: its endpoint and service models cost ~20 MiB per worker.
         self._url = settings.endpoint_url or configured_endpoint() or default_endpoint(region)
         self._signer = Signer(self._url, region, CONTENT_TYPE, TARGET)
-        self._session = session
         self._region = region
         self._http = HttpClient(
             self._url,
@@ -226,22 +223,36 @@ class FirehoseService:
         """The standard chain's credentials, asked for again as long as it has given none: at
         start a task-role or instance-metadata endpoint may not answer yet, and a service that
         never asked again would never deliver."""
-        assert self._session is not None
         async with self._credentials_lock:
             if self._credentials is None:
-                chain = await self._session.get_credentials()
                 role = self._settings.assume_role
+                chain = from_environment() if role is None else None
+                if chain is None:
+                    chain = await self._botocore().get_credentials()
                 self._credentials = chain if chain is None or role is None else self._assumed(
                     chain, role)  # fmt: skip
         if self._credentials is None:
             raise NoCredentialsError()
         return self._credentials
 
+    def _botocore(self) -> Any:
+        """botocore's session (aiobotocore's), for what credentials.py does not read."""
+        if self._session is None:
+            from aiobotocore.session import AioSession
+
+            self._session = AioSession()
+        return self._session
+
     def _assumed(self, chain: Any, role: AssumeRole) -> Any:
         """Credentials of ``role``, assumed with ``chain``'s and refreshed ahead of their
         expiry (botocore's refreshable credentials: as the SDKs do it)."""
-        assert self._session is not None
-        session = self._session
+        from aiobotocore.config import AioConfig
+        from aiobotocore.credentials import (
+            AioAssumeRoleCredentialFetcher,
+            AioDeferredRefreshableCredentials,
+        )
+
+        session = self._botocore()
         proxy = role.sts_http_proxy or self._settings.http_proxy
         config = AioConfig(proxies={"http": proxy, "https": proxy}) if proxy else None
 
@@ -259,8 +270,15 @@ class FirehoseService:
 
     async def _signed_headers(self, body: bytes) -> dict[str, str]:
         credentials = await self._resolve_credentials()
-        # Refreshes the task role's credentials ahead of their expiry.
-        frozen = await credentials.get_frozen_credentials()
+        try:
+            # Refreshes the task role's credentials ahead of their expiry.
+            frozen = await credentials.get_frozen_credentials()
+        except CREDENTIAL_ERRORS:
+            if isinstance(credentials, Container) and not credentials.fetched:
+                # A task-role endpoint that never answered: the next call looks at the whole
+                # environment again (as botocore's chain, which gives nothing until it can).
+                self._credentials = None
+            raise
         assert self._signer is not None
         return self._signer.headers(body, frozen.access_key, frozen.secret_key, frozen.token)
 
