@@ -168,6 +168,20 @@ def start_aggregator(tmp_path: Path) -> Iterator[StartAggregator]:
             agg.proc.wait()
 
 
+def server_block(workers: int = 1, stop_timeout: str = "20s", handoff: int | None = None) -> str:
+    """A ``[server]`` table that stops fast: short drain periods, ``stop_timeout``, and a
+    hand-off to a forward port on 127.0.0.1 when ``handoff`` is given."""
+    handoff_line = f'handoff = "127.0.0.1:{handoff}"' if handoff else ""
+    return f"""
+[server]
+workers = {workers}
+drain_quiet_period = "100ms"
+drain_timeout = "2s"
+stop_timeout = "{stop_timeout}"
+{handoff_line}
+"""
+
+
 BASE_CONFIG = """
 [server]
 workers = 2

@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     StartFluentd,
     free_port,
     needs_fluentd,
+    server_block,
     wait_for,
 )
 from tests.integration.test_firehose import firehose_destination, routes
@@ -33,17 +34,6 @@ SECURED = (
     'tls = {{ cert_path = "{cert}", private_key_path = "{key}" }}\n'
 )
 """A forward source's security and TLS (str.format: name, cert, key)."""
-
-
-def head(workers: int = 1, stop_timeout: str = "20s", handoff: int | None = None) -> str:
-    return f"""
-[server]
-workers = {workers}
-drain_quiet_period = "100ms"
-drain_timeout = "2s"
-stop_timeout = "{stop_timeout}"
-{f'handoff = "127.0.0.1:{handoff}"' if handoff else ""}
-"""
 
 
 def forward_source(port: str = "{forward_port}", secured: str = "") -> str:
@@ -155,7 +145,7 @@ def test_the_forward_destination_delivers_into_fluentd_with_tls_a_user_acks_and_
 """)
     port = fluentd(conf, {"FIREHOSE_ENDPOINT": emulator.endpoint_url, "AWS_ACCESS_KEY_ID": "x",
                           "AWS_SECRET_ACCESS_KEY": "y"})  # fmt: skip
-    ours = start_aggregator(head() + forward_source() + to_forward(
+    ours = start_aggregator(server_block() + forward_source() + to_forward(
         f'{{ host = "127.0.0.1", port = {port}, username = "app", password = "pw" }}',
         compress='"gzip"',
         security=f'{{ self_hostname = "aggregator-tier", shared_key = "{KEY}" }}',
@@ -180,10 +170,10 @@ def test_the_forward_destination_fails_over_and_its_server_takes_a_secured_port(
 ) -> None:  # fmt: skip
     cert, key = certificate
     secured = SECURED.format(name="tier2", cert=cert, key=key)
-    tier2 = start_aggregator(head() + forward_source(secured=secured)
+    tier2 = start_aggregator(server_block() + forward_source(secured=secured)
                              + to_firehose(emulator.endpoint_url, "tier2"))  # fmt: skip
     down = free_port()
-    tier1 = start_aggregator(head() + forward_source() + to_forward(
+    tier1 = start_aggregator(server_block() + forward_source() + to_forward(
         f'{{ host = "127.0.0.1", port = {down}, weight = 1000 }}, '
         f'{{ host = "127.0.0.1", port = {tier2.forward_port}, weight = 1 }}',
         keepalive="true",
@@ -209,12 +199,12 @@ def test_a_hand_off_into_a_port_that_requires_a_key_a_user_and_tls_delivers(
     cannot reach Firehose; its hand-off speaks the handshake and TLS of its own secured port."""
     cert, key = certificate
     secured = SECURED.format(name="aggregator", cert=cert, key=key)
-    peer = start_aggregator(head() + forward_source(secured=secured)
+    peer = start_aggregator(server_block() + forward_source(secured=secured)
                             + forward_source(str(free_port()))
                             + to_firehose(emulator.endpoint_url, "logs"))  # fmt: skip
     unreachable = f"http://127.0.0.1:{free_port()}"
-    stopping = start_aggregator(head(workers=2, stop_timeout="8s", handoff=peer.forward_port)
-                                + forward_source(str(free_port()), secured=secured)
+    server = server_block(workers=2, stop_timeout="8s", handoff=peer.forward_port)
+    stopping = start_aggregator(server + forward_source(str(free_port()), secured=secured)
                                 + forward_source()  # the plain port the test sends to
                                 + to_firehose(unreachable, "logs"))  # fmt: skip
     with stopping.connect() as sock:

@@ -17,7 +17,14 @@ import pytest
 
 from benchmarks.docker_client import DockerLikeClient
 from emulator import EmulatorThread
-from tests.integration.conftest import Aggregator, StartAggregator, free_port, read_ndjson, wait_for
+from tests.integration.conftest import (
+    Aggregator,
+    StartAggregator,
+    free_port,
+    read_ndjson,
+    server_block,
+    wait_for,
+)
 from tests.integration.test_firehose import (
     DEAD_LETTER,
     firehose_destination,
@@ -35,16 +42,8 @@ def instance_config(endpoint: str, forward_port: int | str = "{forward_port}",
                     **buffer: Any) -> str:  # fmt: skip
     """Everything to one Firehose destination ``fh`` at ``endpoint``, its ``buffer`` settings
     given, with a file secondary ``dead`` unless ``secondary`` is None."""
-    handoff_line = f'handoff = "127.0.0.1:{handoff}"' if handoff else ""
     age_line = f'max_connection_age = "{max_connection_age}"' if max_connection_age else ""
-    return f"""
-[server]
-workers = {workers}
-drain_quiet_period = "100ms"
-drain_timeout = "2s"
-stop_timeout = "{stop_timeout}"
-{handoff_line}
-
+    return server_block(workers, stop_timeout, handoff) + f"""
 [[sources]]
 type = "forward"
 bind = "127.0.0.1"
