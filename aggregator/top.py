@@ -9,6 +9,7 @@ against any task it can reach (with the control token when one is set).
 
 from __future__ import annotations
 
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -293,6 +294,4 @@ def _ticks(url: str, token: str | None, interval: float) -> Iterable[Scrape | Sc
 
 
 def _is_terminal() -> bool:
-    import sys
-
     return sys.stdout.isatty()

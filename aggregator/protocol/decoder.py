@@ -120,7 +120,10 @@ class ForwardDecoder:
             raise ValueError("max_message_size and max_entries must be positive")
         self._max = max_message_size
         self._max_entries = max_entries
-        self._release_unpacker()  # until bytes come
+        self._unpacker: Any = _IDLE  # until bytes come: see _take_unpacker
+        self._next = _IDLE.__next__
+        self._fed = self._start = 0
+        self._grown = False
         self._lookahead: Message | None = None  # decoded by next_batch, for the next batch
         # next_batch found nothing more to decode and no bytes have come since: the next call
         # returns None at once (each call would otherwise raise StopIteration in msgpack).
@@ -144,9 +147,8 @@ class ForwardDecoder:
     def _release_unpacker(self) -> None:
         """Everything received is decoded: give the unpacker back to the spares, unless it grew
         (a big read's buffer is let go with it)."""
-        unpacker: Any = getattr(self, "_unpacker", _IDLE)
-        if unpacker is not _IDLE and not self._grown:
-            _give_unpacker(unpacker, self._max, self._max_entries)
+        if self._unpacker is not _IDLE and not self._grown:
+            _give_unpacker(self._unpacker, self._max, self._max_entries)
         self._unpacker = _IDLE
         self._next = _IDLE.__next__
         self._fed = self._start = 0

@@ -79,11 +79,6 @@ class Container:
         self._expiry = 0.0
         self._lock = asyncio.Lock()
 
-    @property
-    def fetched(self) -> bool:
-        """Whether the endpoint has ever answered."""
-        return self._frozen is not None
-
     async def get_frozen_credentials(self) -> Frozen:
         if self._frozen is None or self._clock() >= self._expiry - REFRESH_BEFORE:
             async with self._lock:  # one fetch for every call that found them due

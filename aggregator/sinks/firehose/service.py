@@ -38,7 +38,7 @@ from botocore.exceptions import (
 from aggregator.config.model import AssumeRole, FirehoseDestination
 from aggregator.metrics import FIREHOSE_FAILED_RECORDS, FIREHOSE_REQUESTS
 from aggregator.sinks.base import DELIVERED, RetryableError, WriteResult
-from aggregator.sinks.firehose.credentials import Container, from_environment
+from aggregator.sinks.firehose.credentials import from_environment
 from aggregator.sinks.firehose.http import HttpClient, HttpError, proxy_for
 from aggregator.sinks.firehose.request_builder import Batch
 from aggregator.sinks.firehose.signing import Signer
@@ -171,6 +171,7 @@ class FirehoseService:
         self._http: HttpClient | None = None
         self._session: Any = None  # botocore's (aiobotocore), made only when it is needed
         self._credentials: Any = None
+        self._credentials_worked = False  # whether they have ever given keys
         self._credentials_lock = asyncio.Lock()
         self._url = ""
         self._region = ""
@@ -274,11 +275,12 @@ class FirehoseService:
             # Refreshes the task role's credentials ahead of their expiry.
             frozen = await credentials.get_frozen_credentials()
         except CREDENTIAL_ERRORS:
-            if isinstance(credentials, Container) and not credentials.fetched:
-                # A task-role endpoint that never answered: the next call looks at the whole
-                # environment again (as botocore's chain, which gives nothing until it can).
+            if not self._credentials_worked:
+                # A source that has never given keys (a task-role endpoint not answering yet):
+                # the next call looks at the whole chain again.
                 self._credentials = None
             raise
+        self._credentials_worked = True
         assert self._signer is not None
         return self._signer.headers(body, frozen.access_key, frozen.secret_key, frozen.token)
 
