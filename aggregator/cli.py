@@ -16,6 +16,7 @@ from aggregator.config.model import (
     FirehoseDestination,
     ForwardDestination,
     ForwardSource,
+    HttpSource,
     Source,
 )
 from aggregator.process import EXIT_CONFIG, EXIT_OK
@@ -125,19 +126,25 @@ def convert(path: str) -> int:
     return EXIT_OK
 
 
+def _http_source(config: Config) -> HttpSource | None:
+    """The source the control plane is mounted on: the first HTTP one."""
+    return next((src for src in config.sources if isinstance(src, HttpSource)), None)
+
+
 def control_url(config: Config, path: str) -> str | None:
     """Where this host's control plane answers ``path``: the first HTTP source, on loopback
     when it listens on every address."""
-    for src in config.sources:
-        if src.type == "http":
-            host = "127.0.0.1" if src.bind in ("0.0.0.0", "") else src.bind
-            host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
-            return f"http://{host}:{src.port}{path}"
-    return None
+    src = _http_source(config)
+    if src is None:
+        return None
+    host = "127.0.0.1" if src.bind in ("0.0.0.0", "") else src.bind
+    host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+    return f"http://{host}:{src.port}{path}"
 
 
 def control_token(config: Config) -> str | None:
-    return next((src.control_token for src in config.sources if src.type == "http"), None)
+    src = _http_source(config)
+    return None if src is None else src.control_token
 
 
 def metrics_url(url: str) -> str:
