@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -38,7 +39,7 @@ from aggregator.config.model import Limits, TenantLimits
 from aggregator.flusher import Flusher
 from aggregator.logs import Throttle
 from aggregator.routing import TagCache
-from aggregator.stores import Chunk
+from aggregator.stores import Runs
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Sender:
 class Tenant:
     """One tenant in this worker: its limits, its token bucket, its metrics' label."""
 
-    __slots__ = ("_clock", "burst", "label", "limits", "m_bytes", "name", "rate",
+    __slots__ = ("_clock", "burst", "label", "limits", "m_bytes", "name", "rate", "share",
                  "tag_length_limit", "tokens", "unlimited", "updated")  # fmt: skip
 
     def __init__(
@@ -105,18 +106,19 @@ class Tenant:
         self.rate = None if limits.rate is None else limits.rate * share
         burst = limits.burst if limits.burst is not None else limits.rate
         self.burst = None if burst is None else burst * share
-        self.tokens = self.burst or 0.0
+        self.tokens = math.inf if self.burst is None or self.rate is None else self.burst
+        """Bytes it may send now (without a rate, always: one look per message)."""
         self.updated = clock()
-        self.unlimited = (
-            self.rate is None and limits.buffer_share is None and limits.max_event_size is None
-        )
+        self.share = limits.buffer_share
+        self.unlimited = self.rate is None and self.share is None and limits.max_event_size is None
         """No rate, share or size to keep: only its bytes are counted (the per-read fast path)."""
 
     def rate_wait(self) -> float:
         """0 when the tenant may send now, else the seconds until it may."""
-        if self.rate is None or self.tokens > 0:
+        if self.tokens > 0:
             return 0.0
         self._refill()
+        assert self.rate is not None
         return 0.0 if self.tokens > 0 else -self.tokens / self.rate + 0.001
 
     def charge(self, nbytes: int) -> None:
@@ -130,9 +132,10 @@ class Tenant:
     def _refill(self) -> None:
         # At every charge, not only when empty: a bucket refilled late would count as earned
         # the time it spent full.
-        assert self.rate is not None and self.burst is not None
+        rate, burst = self.rate, self.burst
+        assert rate is not None and burst is not None
         now = self._clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.tokens = min(burst, self.tokens + (now - self.updated) * rate)
         self.updated = now
 
 
@@ -197,32 +200,27 @@ class Shares:
         self._cost = flusher.store.cost
         self.held: dict[str, int] = {}
         self._released = asyncio.Event()
-        flusher.store.on_taken = self.release
-
-    def cost(self, nbytes: int, events: int) -> int:
-        return self._cost(nbytes, events)
+        flusher.store.on_left = self.release
 
     def over(self, tenant: Tenant) -> bool:
-        share = tenant.limits.buffer_share
+        share = tenant.share
         return share is not None and self.held.get(tenant.name, 0) >= share * self._total
 
-    def charge(self, tenant: Tenant, nbytes: int) -> None:
-        """Add ``nbytes`` to what ``tenant`` holds (negative: a write that failed)."""
-        if tenant.limits.buffer_share is not None:
-            held = self.held.get(tenant.name, 0) + nbytes
-            if held > 0:
-                self.held[tenant.name] = held
-            else:
-                self.held.pop(tenant.name, None)
+    def charge(self, tenant: Tenant, nbytes: int, events: int) -> None:
+        """``tenant`` now holds ``events`` more events of ``nbytes`` in the store (when it has a
+        share to keep)."""
+        if tenant.share is not None:
+            held = self.held
+            held[tenant.name] = held.get(tenant.name, 0) + self._cost(nbytes, events)
 
-    def release(self, chunk: Chunk) -> None:
-        """A chunk left the store (taken for delivery, dropped): its runs go from the shares.
-        (One read back after a restart gives back what this process never counted: nothing
-        goes below zero.)"""
+    def release(self, runs: Runs) -> None:
+        """Events left the store (taken for delivery, dropped, never written): their runs go
+        from the shares. (One read back after a restart gives back what this process never
+        counted: nothing goes below zero.)"""
         held = self.held
         if not held:
             return
-        for tag, events, nbytes in chunk.tags:
+        for tag, events, nbytes in runs:
             name = self._tenants.of(tag).name
             if name in held:
                 left = held[name] - self._cost(nbytes, events)
@@ -252,23 +250,21 @@ class Admission:
     ) -> Wait | Refused | None:
         """May ``tenant`` add to ``flusher``'s buffer now? ``can_wait``: the sender may be made
         to wait for the tenant's limits (no acks, a connection of its own)."""
-        if tenant.unlimited and flusher.store.has_room():
-            return None
-        if (delay := tenant.rate_wait()) > 0:
+        if tenant.unlimited:
+            return None if flusher.store.has_room() else self._room(flusher)
+        if tenant.tokens <= 0 and (delay := tenant.rate_wait()) > 0:
             if can_wait:
                 return Wait(lambda: asyncio.sleep(delay))
             return Refused("rate_limited", delay)
-        if shares.over(tenant):
+        if tenant.share is not None and shares.over(tenant):
             if can_wait:
                 return Wait(lambda: shares.wait(tenant))
             return Refused("buffer_share", 1.0)
-        return self._room(flusher)
+        return None if flusher.store.has_room() else self._room(flusher)
 
     def _room(self, flusher: Flusher) -> Wait | Refused | None:
-        """The buffer's own limit: when it is full, ``overflow_action``."""
+        """The buffer's own limit, full: ``overflow_action``."""
         store = flusher.store
-        if store.has_room():
-            return None
         flusher.publish_state()  # health reads the fill ratio: let it see "full" at once
         action = flusher.settings.overflow_action
         if action == "block":
@@ -280,16 +276,12 @@ class Admission:
             return None
         return Refused("buffer_full", 1.0)
 
-    def charge(self, tenant: Tenant, shares: Shares, nbytes: int, events: int) -> int:
+    def charge(self, tenant: Tenant, shares: Shares, nbytes: int, events: int) -> None:
         """What a message cost once formatted: from the bucket, into the share (as the store
-        counts it, which is returned)."""
-        if tenant.unlimited:
-            tenant.m_bytes.pending += nbytes
-            return 0  # nothing is charged to a share, nothing to give back
+        counts it; the store gives it back as the events leave it)."""
         tenant.charge(nbytes)
-        cost = shares.cost(nbytes, events)
-        shares.charge(tenant, cost)
-        return cost
+        if tenant.share is not None:
+            shares.charge(tenant, nbytes, events)
 
     def refused(self, tenant: Tenant | None, source: str, reason: str, events: int) -> None:
         """Count what a limit refused or cut (never silently); ``tenant`` None: not named (a

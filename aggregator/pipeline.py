@@ -202,12 +202,10 @@ class Pipeline:
         if lines and tenant.limits.max_event_size is not None:
             lines, nbytes = self.admission.fit(tenant, source, lines, nbytes)
         if lines:
-            cost = self.admission.charge(tenant, dest.shares, nbytes, len(lines))
+            self.admission.charge(tenant, dest.shares, nbytes, len(lines))
             commit = dest.flusher.store.append(tag, lines, nbytes)
             dest.taken.pending += len(lines)
             if commit is not None:
-                if tenant.limits.buffer_share is not None:  # not written: not held
-                    commit.then(partial(_uncharge, dest.shares, tenant, cost))
                 return commit
         return Outcome.ACCEPTED
 
@@ -331,8 +329,3 @@ class Pipeline:
         metrics.UNMATCHED_EVENTS.inc(events)
         if due := self._unmatched_warning.hit(events):
             log.warning("no route matches tag; events discarded", extra={"tag": tag, "events": due})
-
-
-def _uncharge(shares: Shares, tenant: Tenant, cost: int, written: bool) -> None:
-    if not written:
-        shares.charge(tenant, -cost)

@@ -4,9 +4,9 @@ with the flusher; ``memory`` and ``file`` are chosen by ``[destinations.X.buffer
 from __future__ import annotations
 
 from aggregator.config.model import BufferSettings
-from aggregator.stores.base import Chunk, ChunkStore, Commit, Tagged, tagged
+from aggregator.stores.base import Chunk, ChunkStore, Commit, Runs, Tagged, tagged
 
-__all__ = ["Chunk", "ChunkStore", "Commit", "Tagged", "build_store", "tagged"]
+__all__ = ["Chunk", "ChunkStore", "Commit", "Runs", "Tagged", "build_store", "tagged"]
 
 
 def build_store(

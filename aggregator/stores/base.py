@@ -21,6 +21,8 @@ from aggregator.delivery import RetryState
 
 Tagged = tuple[str, list[bytes]]
 """Lines of one tag, in order."""
+Runs = list[tuple[str, int, int]]
+"""``(tag, count, nbytes)``: consecutive lines of one tag, how many and their bytes."""
 
 
 @dataclass(slots=True)
@@ -28,9 +30,9 @@ class Chunk:
     lines: list[bytes]
     nbytes: int
     created: float
-    tags: list[tuple[str, int, int]]
-    """``(tag, count, nbytes)`` runs over ``lines``: each line's tag (for the hand-off at stop),
-    and the bytes of each run (for the tenants' buffer shares)."""
+    tags: Runs
+    """The runs over ``lines``: each line's tag (for the hand-off at stop), and the bytes of
+    each run (for the tenants' buffer shares)."""
     retry: RetryState = field(default_factory=RetryState)
     held: int = 0
     """Bytes the flusher counts it for while it holds it."""
@@ -117,9 +119,9 @@ class ChunkStore(Protocol):
     """Called when a chunk is sealed: the flusher wakes up to take it."""
     on_dropped: Callable[[int, str], None]
     """Called with events the store lost, and why (a write error, damage on disk)."""
-    on_taken: Callable[[Chunk], None]
-    """Called with each chunk that leaves the store (taken, or dropped by drop_oldest): the
-    tenants' buffer shares give its bytes back."""
+    on_left: Callable[[Runs], None]
+    """Called with the runs of what leaves the store (a chunk taken or dropped by drop_oldest,
+    lines never written): the tenants' buffer shares give their bytes back."""
 
     @property
     def held_bytes(self) -> int:

@@ -42,7 +42,7 @@ from typing import Any
 from aggregator import metrics
 from aggregator.config.model import BufferSettings
 from aggregator.logs import Throttle
-from aggregator.stores.base import Chunk, Commit
+from aggregator.stores.base import Chunk, Commit, Runs
 from aggregator.stores.frames import SEGMENT_HEADER, Frame, decode, frame_parts
 from aggregator.stores.segments import (
     Segment,
@@ -125,7 +125,7 @@ class FileStore:
         self._write_warning = Throttle(WRITE_ERROR_LOG_INTERVAL)
         self.on_sealed: Callable[[], None] = lambda: None
         self.on_dropped: Callable[[int, str], None] = lambda events, reason: None
-        self.on_taken: Callable[[Chunk], None] = lambda chunk: None
+        self.on_left: Callable[[Runs], None] = lambda runs: None
         self._m_disk = metrics.BUFFER_DISK_BYTES.labels(name)
         self._m_segments = metrics.BUFFER_SEGMENTS.labels(name)
 
@@ -261,6 +261,7 @@ class FileStore:
             self._write_failed(exc, len(lines))
             if self._open_start is None:
                 self._open_created = None
+            self.on_left([(tag, count, size) for tag, count, size in runs])
             commit.settle(False)
             return
         head.size += written
@@ -380,7 +381,7 @@ class FileStore:
                     self._reconcile(span.segment)
                 self._unref(span.segment)
             if chunk is not None:
-                self.on_taken(chunk)
+                self.on_left(chunk.tags)
                 return chunk
         return None
 

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 
 from aggregator.config.model import BufferSettings
-from aggregator.stores.base import Chunk, Commit
+from aggregator.stores.base import Chunk, Commit, Runs
 
 LINE_OVERHEAD = 56
 """Bytes of memory a buffered line costs beyond its text: the bytes object's header and
@@ -38,7 +38,7 @@ class MemoryStore:
         self._bytes = 0
         self.on_sealed: Callable[[], None] = lambda: None
         self.on_dropped: Callable[[int, str], None] = lambda events, reason: None
-        self.on_taken: Callable[[Chunk], None] = lambda chunk: None
+        self.on_left: Callable[[Runs], None] = lambda runs: None
 
     @property
     def held_bytes(self) -> int:
@@ -109,7 +109,7 @@ class MemoryStore:
         if not self._ready:
             return None
         chunk = self._ready.popleft()
-        self.on_taken(chunk)
+        self.on_left(chunk.tags)
         return chunk
 
     def requeue(self, chunk: Chunk) -> None:

@@ -259,6 +259,8 @@ def test_a_failed_write_settles_its_commit_false_and_leaves_no_trace(tmp_path: P
         store = await opened(tmp_path)
         dropped: list[tuple[int, str]] = []
         store.on_dropped = lambda events, reason: dropped.append((events, reason))
+        left: list[tuple[str, int, int]] = []
+        store.on_left = left.extend  # the tenants' shares give back what was never written
         assert await store.append("t", lines(2), 30).wait()  # type: ignore[union-attr]
         size = segments(tmp_path)[0].stat().st_size
         previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -271,6 +273,7 @@ def test_a_failed_write_settles_its_commit_false_and_leaves_no_trace(tmp_path: P
             resource.setrlimit(resource.RLIMIT_FSIZE, limits)
             signal.signal(signal.SIGXFSZ, previous)
         assert dropped == [(5, "write_error")] and not store.has_room()
+        assert left == [("t", 5, 75)]
         assert segments(tmp_path)[0].stat().st_size == size
         store.refresh()  # room again
         assert store.has_room()
