@@ -11,9 +11,11 @@ Writing: what the sources append in one turn of the event loop is one frame, wri
 acknowledged. A write that fails (a full disk) writes nothing: its events are not acknowledged,
 are counted, and the store counts as full until the next check of the free space.
 
-Reading: nothing stays in memory. A sealed chunk is a span of frames on disk; the flusher takes
-chunks one at a time and each is read back then (usually from the page cache). So memory
-depends on how many chunks the flusher holds at once, never on the backlog.
+Reading: a sealed chunk is a span of frames on disk; the flusher takes chunks one at a time and
+each is read back then (usually from the page cache). The open chunk's lines and those of the
+next CHUNKS_UP sealed ones also stay in memory (Fluent Bit's "chunks up"), so that the usual
+chunk, taken soon after its seal, is not read and parsed back. So memory depends on how many
+chunks the flusher holds at once, never on the backlog.
 
 Reclaiming: a segment is deleted once everything in it is finished (delivered, handed on or
 dropped); a segment holds at most about ``segment_size`` bytes, so disk comes back in steps.
@@ -64,6 +66,8 @@ MAX_SEGMENT_SIZE), so that a full buffer is many segments and disk comes back in
 READ_SLACK = 64 * 1024
 """Read this much beyond a chunk's size: the frame that ends it is usually in the same read."""
 WRITE_ERROR_LOG_INTERVAL = 10.0
+CHUNKS_UP = 2
+"""Sealed chunks whose lines stay in memory until taken, beside the open one's."""
 
 
 def segment_size(settings: BufferSettings) -> int:
@@ -78,6 +82,17 @@ class Span:
     segment: Segment
     start: int
     end: int
+
+
+@dataclass(slots=True, eq=False)
+class _Up:
+    """A sealed chunk's frames, ``[start, end)`` of ``segment``, with their lines in memory."""
+
+    segment: Segment
+    start: int
+    end: int
+    lines: list[bytes]
+    runs: Runs
 
 
 class FileStore:
@@ -112,6 +127,9 @@ class FileStore:
         self._open_events = 0
         self._open_bytes = 0
         self._open_created: float | None = None
+        self._open_lines: list[bytes] = []
+        self._open_runs: Runs = []
+        self._up: deque[_Up] = deque()
         # This turn's appends, written together.
         self._runs: list[list[Any]] = []
         self._lines: list[bytes] = []
@@ -272,6 +290,14 @@ class FileStore:
             self._open_start = start
         self._open_events += len(lines)
         self._open_bytes += nbytes
+        self._open_lines += lines
+        open_runs = self._open_runs
+        for tag, count, size in runs:
+            if open_runs and open_runs[-1][0] == tag:
+                _, was, was_size = open_runs[-1]
+                open_runs[-1] = (tag, was + count, was_size + size)
+            else:
+                open_runs.append((tag, count, size))
         commit.settle(True)
 
     def _writable_head(self) -> tuple[Segment, int]:
@@ -332,10 +358,14 @@ class FileStore:
     def _close_open_chunk(self) -> Segment | None:
         """The frames written since the last seal become a span to take; their segment."""
         start, head = self._open_start, self._head
+        lines, runs = self._open_lines, self._open_runs
+        self._open_lines, self._open_runs = [], []
         if start is None or head is None:
             return None
         self._open_start = None
         self._open_events = self._open_bytes = 0
+        if len(self._up) < CHUNKS_UP:
+            self._up.append(_Up(head, start, head.size, lines, runs))
         tail = self._spans[-1] if self._spans else None
         if tail is not None and tail.segment is head and tail.end == start:
             tail.end = head.size  # consecutive chunks of one segment: one span
@@ -390,6 +420,15 @@ class FileStore:
         damage); None when only damage was left."""
         settings = self._settings
         segment = span.segment
+        up = self._up
+        while up and (up[0].segment.seq, up[0].start) < (segment.seq, span.start):
+            up.popleft()  # read from disk after all (or lost with its span)
+        if up and up[0].segment is segment and up[0].start == span.start:
+            kept = up.popleft()
+            span.start = kept.end
+            segment.live += 1
+            nbytes = sum(map(len, kept.lines))
+            return Chunk(kept.lines, nbytes, self._clock(), kept.runs, place=segment)
         want = settings.chunk_limit_size + READ_SLACK
         frames: list[Frame] = []
         try:
