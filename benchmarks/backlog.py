@@ -10,7 +10,7 @@ restart, and the replay.
    holds every event (events/s), the worker's peak RSS meanwhile, and its CPU.
 
 Exit status 1 when an event is missing or the worker's RSS passed the README's bound for a file
-buffer (110 MiB + (2 x flush_thread_count + 1) x chunk_limit_size x 2).
+buffer: 110 MiB + (2 x flush_thread_count + 1) x chunk_limit_size x 2 + 3 x chunk_limit_size.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 
 from aggregator.protocol import encode_packed_forward, new_chunk_id
+from aggregator.stores.file import CHUNKS_UP
 from benchmarks import procfs
 from benchmarks.report import write_json
 from benchmarks.service import SOURCES, Service, firehose_route
@@ -37,7 +38,7 @@ MIB = 1024 * 1024
 FLUSH_THREADS = 4
 CHUNK = MIB
 WORKER_OVERHEAD = 110 * MIB
-BOUND = WORKER_OVERHEAD + (2 * FLUSH_THREADS + 1) * CHUNK * 2
+BOUND = WORKER_OVERHEAD + (2 * FLUSH_THREADS + 1) * CHUNK * 2 + (CHUNKS_UP + 1) * CHUNK
 """The README's memory bound for a worker with one file buffer at these settings."""
 EVENTS_PER_MESSAGE = 1000
 SENDERS = 4

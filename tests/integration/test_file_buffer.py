@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from aggregator.protocol import encode_packed_forward, new_chunk_id
+from aggregator.stores.file import CHUNKS_UP
 from aggregator.stores.frames import SEGMENT_HEADER, decode
 from benchmarks.docker_client import DockerLikeClient
 from emulator import EmulatorThread
@@ -301,8 +302,9 @@ def test_a_long_outage_of_refusals_keeps_workers_within_their_memory_bound(
     on_disk = start_aggregator(durable_config(outage.endpoint_url, tmp_path / "buffer",
                                               **retries))  # fmt: skip
     window = 2 * 4 + 1  # WINDOW_PER_THREAD x flush_thread_count, and the open chunk
+    kept_up = CHUNKS_UP + 1  # the open chunk's lines and the next sealed ones, in memory
     runs = {"memory": (memory, limit + WORKER_OVERHEAD),
-            "file": (on_disk, WORKER_OVERHEAD + window * 2 * 1024**2)}  # fmt: skip
+            "file": (on_disk, WORKER_OVERHEAD + (window * 2 + kept_up) * 1024**2)}  # fmt: skip
     senders = [PackedSender(agg.forward_port) for agg, _ in runs.values() for _ in range(4)]
     for sender in senders:
         sender.start()
