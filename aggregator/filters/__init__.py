@@ -79,12 +79,31 @@ class FilterChain:
         self.filters = tuple(filters)
 
     def run(self, tag: str, entries: Entries, after: Filter | None = None) -> Entries:
-        """``entries`` through the chain (``after``: only the filters that follow it)."""
+        """``entries`` through the chain (``after``: only the filters that follow it). Entries
+        that are not ``[time, record, ...]`` (a sender's Forward or PackedForward message may
+        hold anything) skip the filters and follow the others, for the formatter to leave out
+        and count (bad_event)."""
         filters = self.filters
         if after is not None:
             filters = filters[filters.index(after) + 1 :] if after in filters else ()
+        malformed: Entries = []
+        if entries and not _all_pairs(entries):
+            malformed = [e for e in entries if not _is_pair(e)]
+            entries = [e for e in entries if _is_pair(e)]
         for filter_ in filters:
             if not entries:
                 break
             entries = filter_.run(tag, entries)
-        return entries
+        return entries + malformed if malformed else entries
+
+
+def _all_pairs(entries: Entries) -> bool:
+    # In C, for every event: only lists or tuples, none shorter than two.
+    return set(map(type, entries)) <= _SEQUENCES and min(map(len, entries)) >= 2
+
+
+def _is_pair(entry: Any) -> bool:
+    return type(entry) in _SEQUENCES and len(entry) >= 2
+
+
+_SEQUENCES = {list, tuple}

@@ -11,6 +11,7 @@ from aggregator.config.model import Concat as ConcatSettings
 from aggregator.config.model import Grep as GrepSettings
 from aggregator.config.model import Parser as ParserSettings
 from aggregator.config.model import RecordTransformer as RTSettings
+from aggregator.filters import FilterChain
 from aggregator.filters import concat as concat_module
 from aggregator.filters.concat import Concat
 from aggregator.filters.grep import Grep
@@ -170,3 +171,17 @@ def test_concat_multiline_and_n_lines() -> None:
     pairs = concat(n_lines=2, separator=" ")
     out = pairs.run("j", [[T, {"log": str(i)}] for i in range(5)])
     assert [r["log"] for _, r in out] == ["0 1", "2 3"]
+
+
+def test_a_chain_lets_entries_that_are_not_pairs_through_untouched_for_the_formatter() -> None:
+    """What a sender's Forward or PackedForward message may hold besides ``[time, record]``
+    never reaches a filter (they index it): it follows the filtered events, to be counted."""
+    chain = FilterChain([
+        grep(exclude=[{"key": "drop", "pattern": "/yes/"}]), rt(record={"t": "${tag}"}),
+        Concat(ConcatSettings(type="concat", match="**", key="log", use_partial_metadata=True),
+               "c"),
+    ])  # fmt: skip
+    entries: list[Any] = [5, [T, {"i": 0}], None, [T], (T, {"i": 1}), [T, {"drop": "yes"}], "x"]
+    out = chain.run("app", entries)
+    assert out == [[T, {"i": 0, "t": "app"}], (T, {"i": 1, "t": "app"}), 5, None, [T], "x"]
+    assert chain.run("app", [7]) == [7] and chain.run("app", []) == []

@@ -179,6 +179,38 @@ def test_one_bad_event_costs_only_itself(agg: Aggregator) -> None:
     assert not [e for e in agg.logs() if "Traceback" in str(e) or e["level"] == "raw"]
 
 
+def test_entries_that_are_not_pairs_skip_the_filters_and_are_counted(
+    start_aggregator: StartAggregator,
+) -> None:
+    """A Forward and a PackedForward message holding a number, a nil, a one-item array and a
+    string among good events, through a grep filter and Docker's partials filter: the good
+    events go on filtered, the others are left out and counted, and the connection carries
+    on (a filter indexed them: the read failed and the connection was dropped, uncounted)."""
+    agg = start_aggregator(FILE_CONFIG.replace("[[routes]]", """[[filters]]
+type = "grep"
+match = "**"
+exclude = [{ key = "drop", pattern = "/yes/" }]
+
+[[filters]]
+type = "docker_partials"
+match = "**"
+
+[[routes]]""", 1))  # fmt: skip
+    good = [[1700000000, {"i": 0}], [1700000000, {"i": 1, "drop": "yes"}]]
+    odd: list[object] = [5, None, [1700000000], "text"]
+    forward = msgpack.packb(["app", [good[0], *odd, good[1]]])
+    packed = encode_packed_forward("app", [(1700000000, {"i": 2})])
+    packed = msgpack.packb(["app", msgpack.unpackb(packed)[1] + b"".join(map(msgpack.packb, odd))])
+    chunk = new_chunk_id()
+    with agg.connect() as sock:
+        sock.sendall(forward + packed + encode_message("app", 1700000000, {"i": 3}, chunk=chunk))
+        assert recv_ack(sock) == chunk  # the connection carries on
+    events = events_of(agg, 3)
+    assert sorted(e["i"] for e in events) == [0, 2, 3]
+    assert agg.metric("aggregator_input_errors_total", reason="bad_event") == 2 * len(odd)
+    assert not [e for e in agg.logs() if "Traceback" in str(e) or e["level"] == "raw"]
+
+
 def test_message_over_the_size_limit(start_aggregator: StartAggregator) -> None:
     agg = start_aggregator(
         FILE_CONFIG.replace(
