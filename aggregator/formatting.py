@@ -30,10 +30,12 @@ ENCODE_SLICE = 1024
 """Entries encoded in one call: bounds the transient copy of a slice's JSON to about 1 MiB."""
 # The fast path encodes a whole slice in one orjson call, with this fragment between two
 # records: orjson writes it as is, and never writes a raw newline of its own (it escapes those
-# inside strings and adds no whitespace), so "," newline "," is exactly where one record ends.
+# inside strings and adds no whitespace), so the newlines cut the output into "[r1,", ",r2,",
+# ..., ",rN]": each record between one byte of syntax on either side. (A split at the newline
+# alone is memchr's; at ",\n," it took twice as long.)
 _BREAK = orjson.Fragment(b"\n")
-_BETWEEN = b",\n,"
 _NEWLINE = b"\n"
+_INSIDE = slice(1, -1)
 _APPEND = orjson.OPT_APPEND_NEWLINE
 _EVENT_TIME = struct.Struct(">II")
 
@@ -285,9 +287,11 @@ class Formatter:
         items: list[Any] = [_BREAK] * (2 * len(records) - 1)
         items[::2] = records
         data = orjson.dumps(items, default=_default)  # [r1,<BREAK>,r2,...]
-        lines = list(map(operator.add, data[1:-1].split(_BETWEEN), repeat(_NEWLINE)))
-        # The lines' bytes: the JSON less its brackets and its breaks, plus a newline a line.
-        return lines, len(data) - 2 - len(_BETWEEN) * (len(lines) - 1) + len(lines)
+        pieces = map(operator.getitem, data.split(_NEWLINE), repeat(_INSIDE))
+        lines = list(map(operator.add, pieces, repeat(_NEWLINE)))
+        # The lines' bytes: the JSON less its brackets and its breaks (",\n," between two
+        # records), plus a newline a line.
+        return lines, len(data) - 2 - 3 * (len(lines) - 1) + len(lines)
 
     def _encode_checked(self, tag: str, entry: Any) -> bytes:
         """The slow path: validate one entry and repair its strings."""
