@@ -87,9 +87,11 @@ class FilterChain:
         if after is not None:
             filters = filters[filters.index(after) + 1 :] if after in filters else ()
         malformed: Entries = []
-        if entries and not _all_pairs(entries):
-            malformed = [e for e in entries if not _is_pair(e)]
-            entries = [e for e in entries if _is_pair(e)]
+        for entry in entries:  # a loop, not all(): most messages hold one event
+            if entry.__class__ is not list or len(entry) < 2:
+                malformed = [e for e in entries if not _is_pair(e)]
+                entries = [e for e in entries if _is_pair(e)]
+                break
         for filter_ in filters:
             if not entries:
                 break
@@ -97,13 +99,5 @@ class FilterChain:
         return entries + malformed if malformed else entries
 
 
-def _all_pairs(entries: Entries) -> bool:
-    # In C, for every event: only lists or tuples, none shorter than two.
-    return set(map(type, entries)) <= _SEQUENCES and min(map(len, entries)) >= 2
-
-
 def _is_pair(entry: Any) -> bool:
-    return type(entry) in _SEQUENCES and len(entry) >= 2
-
-
-_SEQUENCES = {list, tuple}
+    return isinstance(entry, list | tuple) and len(entry) >= 2
