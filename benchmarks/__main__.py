@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One worker with a file buffer takes --events acked events while the sink "
         "refuses every call, holds them through the outage, is stopped, and a new process "
         "replays them. Reports RSS in each phase and the replay's speed; exit status 1 when an "
-        "event is missing or RSS passed the README's bound.",
+        "event is missing or RSS passed the documented bound.",
     )
     disk.add_argument("--events", type=_positive_int, default=1_000_000)
     _add_event_size(disk, 400)

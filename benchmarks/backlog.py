@@ -9,8 +9,9 @@ restart, and the replay.
 4. **Replay**: a new process on the same directory, the outage over: how long until the sink
    holds every event (events/s), the worker's peak RSS meanwhile, and its CPU.
 
-Exit status 1 when an event is missing or the worker's RSS passed the README's bound for a file
-buffer: 110 MiB + (2 x flush_thread_count + 1) x chunk_limit_size x 2 + 3 x chunk_limit_size.
+Exit status 1 when an event is missing or the worker's RSS passed the bound for a file buffer
+(docs/durable-buffers.md, "Sizing"): 110 MiB + (2 x flush_thread_count + 1) x chunk_limit_size
+x 2 + 3 x chunk_limit_size.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ FLUSH_THREADS = 4
 CHUNK = MIB
 WORKER_OVERHEAD = 110 * MIB
 BOUND = WORKER_OVERHEAD + (2 * FLUSH_THREADS + 1) * CHUNK * 2 + (CHUNKS_UP + 1) * CHUNK
-"""The README's memory bound for a worker with one file buffer at these settings."""
+"""The documented memory bound for a worker with one file buffer at these settings."""
 EVENTS_PER_MESSAGE = 1000
 SENDERS = 4
 SAMPLE_EVERY = 0.5
@@ -129,7 +130,7 @@ class Outcome:
                        f"peak worker RSS {self.replay.peak_rss / MIB:,.0f} MiB, "
                        f"{self.replay.cpu_seconds:.1f} CPU-s"),
             ("delivered", f"{self.delivered:,} of {self.events:,}"),
-            ("RSS bound", f"{BOUND / MIB:,.0f} MiB (README: file buffers)"),
+            ("RSS bound", f"{BOUND / MIB:,.0f} MiB (docs/durable-buffers.md)"),
         ]  # fmt: skip
         lines = ["backlog: a file buffer through an outage, a restart and the replay", "-" * 78]
         lines += [f"{name:<14} {value}" for name, value in rows]

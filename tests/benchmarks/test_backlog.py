@@ -1,5 +1,5 @@
 """A short run of the backlog benchmark: filled during an outage, stopped, replayed by a new
-process, every event delivered, memory inside the README's bound. No timing is asserted."""
+process, every event delivered, memory inside the documented bound. No timing is asserted."""
 
 from __future__ import annotations
 
