@@ -295,8 +295,7 @@ class Formatter:
 
     def _encode_checked(self, tag: str, entry: Any) -> bytes:
         """The slow path: validate one entry and repair its strings."""
-        if not isinstance(entry, list | tuple) or len(entry) < 2:
-            raise InvalidEvent(f"entry is not [time, record]: {type(entry).__name__}")
+        _check_entry(entry)
         t, record = entry[0], entry[1]
         if not isinstance(record, dict):
             _refuse(record)
@@ -308,6 +307,17 @@ class Formatter:
             except (ValueError, OverflowError, OSError) as exc:  # NaN, or past any calendar
                 raise InvalidEvent(f"time {t!r} is not a date: {exc}") from None
         return _dumps(record)
+
+
+def is_entry(entry: Any) -> bool:
+    """Whether ``entry`` is ``[time, record, ...]`` (a Forward or PackedForward message may hold
+    anything: the rest is left out and counted, bad_event)."""
+    return isinstance(entry, list | tuple) and len(entry) >= 2
+
+
+def _check_entry(entry: Any) -> None:
+    if not is_entry(entry):
+        raise InvalidEvent(f"entry is not [time, record]: {type(entry).__name__}")
 
 
 def _refuse(record: object) -> NoReturn:
@@ -327,8 +337,7 @@ class ForwardFormatter(Formatter):
         raise ValueError("the checked path, always")
 
     def _encode_checked(self, tag: str, entry: Any) -> bytes:
-        if not isinstance(entry, list | tuple) or len(entry) < 2:
-            raise InvalidEvent(f"entry is not [time, record]: {type(entry).__name__}")
+        _check_entry(entry)
         seconds, nanoseconds = self._split_time(entry[0])
         line = super()._encode_checked(tag, entry)  # the record, validated and injected
         return b"[%s,%d,%d,%s]\n" % (orjson.dumps(tag), seconds, nanoseconds, line[:-1])

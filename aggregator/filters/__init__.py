@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from aggregator.config.model import Config
 from aggregator.config.model import Filter as FilterSettings
 from aggregator.filters.concat import Concat
+from aggregator.formatting import is_entry
 from aggregator.routing import compile_match
 
 Entries = list[Any]
@@ -89,15 +90,11 @@ class FilterChain:
         malformed: Entries = []
         for entry in entries:  # a loop, not all(): most messages hold one event
             if entry.__class__ is not list or len(entry) < 2:
-                malformed = [e for e in entries if not _is_pair(e)]
-                entries = [e for e in entries if _is_pair(e)]
+                malformed = [e for e in entries if not is_entry(e)]
+                entries = [e for e in entries if is_entry(e)]
                 break
         for filter_ in filters:
             if not entries:
                 break
             entries = filter_.run(tag, entries)
         return entries + malformed if malformed else entries
-
-
-def _is_pair(entry: Any) -> bool:
-    return isinstance(entry, list | tuple) and len(entry) >= 2
