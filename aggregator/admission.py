@@ -250,16 +250,15 @@ class Admission:
     ) -> Wait | Refused | None:
         """May ``tenant`` add to ``flusher``'s buffer now? ``can_wait``: the sender may be made
         to wait for the tenant's limits (no acks, a connection of its own)."""
-        if tenant.unlimited:
-            return None if flusher.store.has_room() else self._room(flusher)
-        if tenant.tokens <= 0 and (delay := tenant.rate_wait()) > 0:
-            if can_wait:
-                return Wait(lambda: asyncio.sleep(delay))
-            return Refused("rate_limited", delay)
-        if tenant.share is not None and shares.over(tenant):
-            if can_wait:
-                return Wait(lambda: shares.wait(tenant))
-            return Refused("buffer_share", 1.0)
+        if not tenant.unlimited:
+            if tenant.tokens <= 0 and (delay := tenant.rate_wait()) > 0:
+                if can_wait:
+                    return Wait(lambda: asyncio.sleep(delay))
+                return Refused("rate_limited", delay)
+            if tenant.share is not None and shares.over(tenant):
+                if can_wait:
+                    return Wait(lambda: shares.wait(tenant))
+                return Refused("buffer_share", 1.0)
         return None if flusher.store.has_room() else self._room(flusher)
 
     def _room(self, flusher: Flusher) -> Wait | Refused | None:
