@@ -13,7 +13,7 @@ is acknowledged and reads a chunk back only when its turn comes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +23,16 @@ Tagged = tuple[str, list[bytes]]
 """Lines of one tag, in order."""
 Runs = list[tuple[str, int, int]]
 """``(tag, count, nbytes)``: consecutive lines of one tag, how many and their bytes."""
+
+
+def extend_runs(runs: Runs, more: Iterable[Sequence[Any]]) -> None:
+    """Add ``more`` runs after ``runs``, a run of the same tag as the last one joined to it."""
+    for tag, count, nbytes in more:
+        if runs and runs[-1][0] == tag:
+            _, was, was_bytes = runs[-1]
+            runs[-1] = (tag, was + count, was_bytes + nbytes)
+        else:
+            runs.append((tag, count, nbytes))
 
 
 @dataclass(slots=True)

@@ -44,7 +44,7 @@ from typing import Any
 from aggregator import metrics
 from aggregator.config.model import BufferSettings
 from aggregator.logs import Throttle
-from aggregator.stores.base import Chunk, Commit, Runs
+from aggregator.stores.base import Chunk, Commit, Runs, extend_runs
 from aggregator.stores.frames import SEGMENT_HEADER, Frame, decode, frame_parts
 from aggregator.stores.segments import (
     Segment,
@@ -291,13 +291,7 @@ class FileStore:
         self._open_events += len(lines)
         self._open_bytes += nbytes
         self._open_lines += lines
-        open_runs = self._open_runs
-        for tag, count, size in runs:
-            if open_runs and open_runs[-1][0] == tag:
-                _, was, was_size = open_runs[-1]
-                open_runs[-1] = (tag, was + count, was_size + size)
-            else:
-                open_runs.append((tag, count, size))
+        extend_runs(self._open_runs, runs)
         commit.settle(True)
 
     def _writable_head(self) -> tuple[Segment, int]:
@@ -459,14 +453,10 @@ class FileStore:
         if not frames:
             return None
         lines: list[bytes] = []
-        tags: list[tuple[str, int, int]] = []
+        tags: Runs = []
         for frame in frames:
             lines += frame.lines
-            for run in frame.runs:
-                if tags and tags[-1][0] == run[0]:
-                    tags[-1] = (run[0], tags[-1][1] + run[1], tags[-1][2] + run[2])
-                else:
-                    tags.append(run)
+            extend_runs(tags, frame.runs)
         if segment.found:
             segment.events += len(lines)
             metrics.BUFFER_REPLAYED_EVENTS.labels(self.name).inc(len(lines))
