@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.config.units import parse_size
-from benchmarks import abuse, backlog, connections, plot, redeploy, report, sizing
+from benchmarks import abuse, backlog, connections, floor, plot, redeploy, report, sizing
 from benchmarks.config import BUFFERS, FILTERS, SUBJECTS, RunConfig
+from benchmarks.floor import LEVELS as FLOOR_LEVELS
 from benchmarks.runner import run_benchmark
 from benchmarks.templates import MODES
 from emulator.__main__ import add_fault_arguments
@@ -52,6 +53,13 @@ def _against(text: str) -> dict[str, Any]:
     )
 
 
+def _levels(text: str) -> tuple[str, ...]:
+    levels = tuple(level for level in text.split(",") if level)
+    if not levels or set(levels) - set(FLOOR_LEVELS):
+        raise argparse.ArgumentTypeError(f"levels are among {', '.join(FLOOR_LEVELS)}")
+    return levels
+
+
 def _filters(text: str) -> tuple[str, ...]:
     """``none``, or filter kinds separated by commas."""
     kinds = () if text == "none" else tuple(text.split(","))
@@ -61,20 +69,9 @@ def _filters(text: str) -> tuple[str, ...]:
     return kinds
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description="Benchmarks of the aggregator."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    defaults = RunConfig()
-
-    run = commands.add_parser(
-        "run",
-        help="run the aggregator under load and report",
-        description="Start the sink, the aggregator and the load generator; measure; check "
-        "that every event arrived (exit status 1 when not).",
-    )
-    load = run.add_argument_group("load")
+def _add_load_and_service(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
+    """The load and the aggregator's settings: of `run`, and of `floor`."""
+    load = parser.add_argument_group("load")
     load.add_argument("--mode", choices=MODES, default=defaults.mode)
     load.add_argument(
         "--batch",
@@ -103,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an ECS cluster's shape: every message in its own write(), as Docker's driver "
         "sends; use with e.g. --connections 500 --rate 100000 (200 lines/s each)",
     )  # fmt: skip
-    service = run.add_argument_group("aggregator")
+    service = parser.add_argument_group("aggregator")
     service.add_argument("--workers", type=_positive_int, default=defaults.workers)
     service.add_argument(
         "--aggregate", action="store_true", help="pack many events per Firehose record"
@@ -125,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--filters", type=_filters, default=(), metavar="KIND,...",
         help=f"filters every event goes through, each keeping it: {', '.join(FILTERS)}",
     )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="Benchmarks of the aggregator."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = RunConfig()
+
+    run = commands.add_parser(
+        "run",
+        help="run the aggregator under load and report",
+        description="Start the sink, the aggregator and the load generator; measure; check "
+        "that every event arrived (exit status 1 when not).",
+    )
+    _add_load_and_service(run, defaults)
     faults = run.add_argument_group("sink")
     faults.add_argument(
         "--stall-at",
@@ -180,6 +193,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="longest wait for the last events (default: flush interval + 30)",
     )
+
+    floor = commands.add_parser(
+        "floor",
+        help="the least Python on uvloop can spend on a load, beside Fluent Bit's and ours",
+        description="Under the same load: Fluent Bit, the aggregator, and servers that do less "
+        "than any forward server can (read only; and decode and ack; and one JSON encoding per "
+        "message). Prints CPU-s per million events and ratios to Fluent Bit's. Exit status 1 "
+        "when a run lost events.",
+    )
+    _add_load_and_service(floor, defaults)
+    floor.add_argument(
+        "--levels", type=_levels, default=FLOOR_LEVELS, metavar="LEVEL,...",
+        help=f"which floors ({','.join(FLOOR_LEVELS)})",
+    )  # fmt: skip
+    floor.add_argument(
+        "--peer-bin", type=Path, metavar="PATH",
+        help="Fluent Bit's executable (default: ../shared/peers/fluent-bit)",
+    )  # fmt: skip
+    floor.add_argument(
+        "--pairs", type=_positive_int, default=1, metavar="N",
+        help="N rounds, every other one in reverse order; medians",
+    )  # fmt: skip
 
     conns = commands.add_parser(
         "connections",
@@ -266,37 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(
-        workers=args.workers,
-        mode=args.mode,
-        batch=args.batch,
-        event_size=args.event_size,
-        connections=args.connections,
-        senders=args.senders,
-        ack=args.ack,
-        rate=args.rate,
-        fleet=args.fleet,
-        duration=args.duration,
-        aggregate=args.aggregate,
-        flush_interval=args.flush_interval,
-        chunk_limit=args.chunk_limit,
-        total_limit=args.total_limit,
-        flush_threads=args.flush_threads,
-        buffer=args.buffer,
-        limits=args.limits,
-        filters=args.filters,
-        stall_at=args.stall_at,
-        stall_for=args.stall_for,
-        fail_rate=args.fail_rate,
-        throttle_rate=args.throttle_rate,
-        sink_latency=args.sink_latency,
-        lose_records=args.lose_records,
-        sample_every=args.sample_every,
-        drain_timeout=args.drain_timeout,
-        json_path=args.json,
-        profile=args.profile,
-        peer_bin=args.peer_bin,
-    )
+    """The run's settings from the command line (every option is named as its setting)."""
+    given = vars(args)
+    names = {field.name for field in dataclasses.fields(RunConfig)}
+    settings = {name: value for name, value in given.items() if name in names}
+    if "json" in given:
+        settings["json_path"] = given["json"]
+    return RunConfig(**settings)
 
 
 def _side_by_side(config: RunConfig, other: RunConfig, pairs: int) -> int:
@@ -347,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "connections":
             burst = connections.make_burst(parse_size(args.burst), args.event_size)
+        elif args.command == "floor":
+            config = _config(args)
+            if config.workers != 1:
+                raise ValueError("the floor servers are one process: compare with --workers 1")
         elif args.command == "run":
             config = _config(args)
             other = None
@@ -366,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "connections":
             print(connections.measure(args.connections, burst).render())
             return 0
+        if args.command == "floor":
+            return floor.run(config, args.levels, args.pairs)
         if args.command == "backlog":
             replayed = backlog.run(args.events, args.event_size, args.hold, args.dir, args.json)
             print(replayed.render())
