@@ -44,12 +44,15 @@ def _against(text: str) -> dict[str, Any]:
         return {"limits": value == "on"}
     if key == "filters":
         return {"filters": _filters(value)}
+    if key == "trickle_read_delay" and value:
+        return {"trickle_read_delay": value}
     if key == "source" and value:
         if not (Path(value) / "aggregator" / "__init__.py").is_file():
             raise argparse.ArgumentTypeError(f"{value} holds no aggregator package")
         return {"source": Path(value).resolve()}
     raise argparse.ArgumentTypeError(
-        "use buffer=memory|file, limits=on|off, filters=none|KIND,... or source=DIR"
+        "use buffer=memory|file, limits=on|off, filters=none|KIND,..., trickle_read_delay=DURATION "
+        "or source=DIR"
     )
 
 
@@ -117,6 +120,10 @@ def _add_load_and_service(parser: argparse.ArgumentParser, defaults: RunConfig) 
     service.add_argument(
         "--limits", action="store_true",
         help="[limits] on, never limiting: every tenant's rate, burst and buffer share counted",
+    )  # fmt: skip
+    service.add_argument(
+        "--trickle-read-delay", default=defaults.trickle_read_delay, metavar="DURATION",
+        help="the forward input's trickle_read_delay (%(default)s: every write read at once)",
     )  # fmt: skip
     service.add_argument(
         "--filters", type=_filters, default=(), metavar="KIND,...",

@@ -2,8 +2,8 @@
 aggregator under the same load (``python -m benchmarks floor``).
 
 A CPU target against Fluent Bit is only reachable if Python on uvloop can meet it at all. The
-floor servers here do less than any real server could, each level adding one step no forward
-server can skip:
+floor servers here read every write as it arrives, as Fluent Bit does, and do less with it than
+any real server could, each level adding one step no forward server can skip:
 
 - ``read``: uvloop reads every byte and drops it (a Python callback per read, nothing else);
 - ``decode``: msgpack finds every message and decodes it (no server can find where a message
@@ -13,9 +13,11 @@ server can skip:
   split into lines: less than a Firehose record needs).
 
 None of them buffers, batches, signs or sends anything, so whatever they cost is a lower bound
-for the aggregator (and for any Python server on these libraries). The floor servers run on
-the same load generator as ``benchmarks run``; Fluent Bit and the aggregator run through it
-too, in the same invocation, so the ratios compare runs on the same machine minutes apart.
+for a Python server on these libraries that reads each write at once. (Reading a slow
+connection less often moves the bound itself: see the forward input's ``trickle_read_delay``.)
+The floor servers run on the same load generator as ``benchmarks run``; Fluent Bit and the
+aggregator run through it too, in the same invocation, so the ratios compare runs on the same
+machine minutes apart.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ drain_quiet_period = "200ms"
 drain_timeout = "5s"
 stop_timeout = "60s"
 
-{SOURCES}
+{sources(forward_extra=f'trickle_read_delay = "{config.trickle_read_delay}"')}
 {firehose_route(endpoint_url, settings=settings)}{limits}"""
 
 

@@ -53,6 +53,15 @@ FAIR_READ_BYTES = 64 * 1024
 BAD_INPUT_WARNING_INTERVAL = 10.0
 """Seconds between two "bad input" log lines of one source; each refusal is counted in
 aggregator_input_errors_total (a million bad frames made 71 MB of logs)."""
+TRICKLE_RATE = 256 * 1024
+"""Bytes per second under which a connection without acks is read only every
+``trickle_read_delay``: its lines wait in the socket meanwhile, and one read takes them all
+(reading Docker's driver, a write per line, cost a callback, a read and a decode per line).
+At that rate the kernel's socket buffer holds a delay's worth many times over, so the sender
+never waits for us."""
+TRICKLE_WINDOW = 1.0
+"""Seconds over which a connection's rate is measured (a new connection is read at once until
+its first window ends)."""
 ACK_HIGH_WATER = 64 * 1024
 """Unsent acks (about 30 bytes each) above which reading stops: a client that never reads its
 acks must not grow our write buffer without bound."""
@@ -60,8 +69,8 @@ acks must not grow our write buffer without bound."""
 
 class FlowControl:
     """Why a connection's reading is paused. Any reason pauses it; it resumes when none is
-    left: an answer to wait (a full buffer, a tenant's limit), a yield after a big read, acks the
-    client does not read.
+    left: an answer to wait (a full buffer, a tenant's limit), a yield after a big read, a
+    trickle's delay, acks the client does not read.
     """
 
     __slots__ = ("_reasons", "_transport")
@@ -107,6 +116,10 @@ class ForwardConnection(asyncio.Protocol):
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._handshake: ServerHandshake | None = None  # until the client has authenticated
         self._unwritten = 0  # acks waiting for a file buffer's write
+        self._trickle = False  # slow enough to be read every trickle_read_delay
+        self._safe_from = 0.0  # closing: no read before this is a safe moment (a trickle)
+        self._window_start = self.last_activity
+        self._window_bytes = 0
         self._m_events = metrics.tally(metrics.INPUT_EVENTS.labels(server.settings.name))
         self._m_bytes = metrics.tally(metrics.INPUT_BYTES.labels(server.settings.name))
 
@@ -150,9 +163,13 @@ class ForwardConnection(asyncio.Protocol):
         self._timers.clear()
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        self.last_activity = now = time.monotonic()
         if self._discarding:
             return
+        self._window_bytes += len(data)
+        if now - self._window_start >= TRICKLE_WINDOW:
+            self._trickle = self._window_bytes < TRICKLE_RATE * (now - self._window_start)
+            self._window_start, self._window_bytes = now, 0
         self._m_bytes.pending += len(data)
         try:
             self._decoder.receive_data(data)
@@ -168,15 +185,26 @@ class ForwardConnection(asyncio.Protocol):
                 self._later("message", self._server.settings.message_timeout, self._timed_out)
         elif "message" in self._timers:
             self._cancel("message")
-        if self._closing is not None:
+        if self._closing is not None and now >= self._safe_from:
             self._close_if_safe()
         flow = self._flow
-        if len(data) >= FAIR_READ_BYTES and flow is not None and self._transport is not None:
+        if flow is None or self._transport is None:
+            return
+        if len(data) >= FAIR_READ_BYTES:
             # libuv keeps reading a busy socket (up to 32 reads) before anything else runs: a
             # few fast senders would starve deliveries and /api/health for seconds. After a
             # big read, step aside until the next loop iteration.
             flow.pause("yield")
             asyncio.get_running_loop().call_soon(flow.resume, "yield")
+        elif (self._trickle and not self.uses_acks and self._closing is None
+              and not self._decoder.pending_bytes):  # fmt: skip
+            # A sender without acks that writes little at a time (Docker's driver, a write per
+            # line): let its lines gather in the socket, and take them in one read. Not with
+            # acks (the sender waits for each), nor with a message in progress.
+            delay = self._server.settings.trickle_read_delay
+            if delay:
+                flow.pause("trickle")
+                self._later("trickle", delay, flow.resume, "trickle")
 
     def _shake(self) -> bool:
         """Go on with the handshake; True once the client has authenticated."""
@@ -323,6 +351,16 @@ class ForwardConnection(asyncio.Protocol):
         if self._closing is not None or self._transport is None:
             return
         self._closing = cause
+        if self._trickle and not self.uses_acks:
+            # A connection read in bursts is read at once from now on, but for one delay no
+            # read is a safe moment: a burst's read comes at no particular moment of the
+            # client's writes, and lines may still wait in the client's kernel (Nagle holds
+            # small writes until the last is acknowledged). After it, as for any connection,
+            # the read a write brings is the moment.
+            self._safe_from = time.monotonic() + self._server.settings.trickle_read_delay
+            if self._flow is not None:
+                self._cancel("trickle")
+                self._flow.resume("trickle")  # the stop does not wait out the delay
         server = self._server.server
         self._later("force", server.drain_timeout, self.force_close)
         self._close_when_quiet()

@@ -421,3 +421,85 @@ def test_idle_connections_are_closed_safely_and_busy_ones_kept() -> None:
             assert closes("reset", cause="idle") == before + 1
 
     run(main)
+
+
+async def trickle(client: socket.socket, seconds: float, chunk: bool = False) -> int:
+    """Messages every 20 ms for ``seconds`` (past the first rate window); with ``chunk``, each
+    waits for its ack. Returns how many were sent."""
+    end, sent = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        client.sendall(message(sent, chunk=f"c{sent}" if chunk else None))
+        sent += 1
+        if chunk:
+            await asyncio.to_thread(client.recv, 4096)
+        await asyncio.sleep(0.02)
+    return sent
+
+
+def test_a_slow_client_without_acks_is_read_every_trickle_read_delay() -> None:
+    """Docker's driver writes every line on its own: past its first second, a slow connection's
+    lines wait in the socket for the delay, and one read takes them together."""
+    async def main() -> None:
+        async with serve(config(trickle_read_delay=1.0)) as server:
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                sent = await trickle(client, 1.2)
+                await until(lambda: buffered(server) == sent)  # the last read began a delay
+                client.sendall(message(1000))
+                client.sendall(message(1001))
+                await asyncio.sleep(0.4)
+                assert buffered(server) == sent  # both still in the socket
+                await until(lambda: buffered(server) == sent + 2, timeout=2)
+
+    run(main)
+
+
+def test_clients_with_acks_and_fast_clients_are_read_at_once() -> None:
+    async def main() -> None:
+        async with serve(config(trickle_read_delay=1.0)) as server:
+            with socket.create_connection(("127.0.0.1", server.port)) as acked:
+                await trickle(acked, 1.2, chunk=True)
+                began = time.monotonic()
+                await trickle(acked, 0.3, chunk=True)  # every ack at once, not after 1 s
+                assert time.monotonic() - began < 0.9
+            with socket.create_connection(("127.0.0.1", server.port)) as fast:
+                bulk = b"".join(message(i) for i in range(2000))  # about 40 KiB
+                end = time.monotonic() + 1.2
+                while time.monotonic() < end:  # 0.8 MB/s: over the trickle rate
+                    fast.sendall(bulk)
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1)
+                before = buffered(server)
+                fast.sendall(message(9999))
+                await until(lambda: buffered(server) == before + 1, timeout=0.5)
+
+    run(main)
+
+
+def test_a_held_connection_is_read_at_once_when_it_is_to_close() -> None:
+    """The stop does not wait out a trickle's delay: what the socket holds is read at once. For
+    one delay no read is a safe moment (the reads of a burst come at no particular moment of the
+    client's writes, and lines may still wait in its kernel); then the reset follows the read
+    of the client's next write, as for any connection."""
+    async def main() -> None:
+        async with serve(config(trickle_read_delay=0.5)) as server:
+            resets = closes("reset")
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                sent = await trickle(client, 1.2)
+                await until(lambda: buffered(server) == sent)
+                client.sendall(message(1000))  # held for 0.5 s
+                await asyncio.sleep(0.05)
+                began = time.monotonic()
+                server.connections._connections.copy().pop().begin_close("stop")
+                await until(lambda: buffered(server) == sent + 1, timeout=0.3)
+                client.sendall(message(1001))  # within the delay: read, kept open
+                await until(lambda: buffered(server) == sent + 2, timeout=0.3)
+                assert len(server.connections) == 1
+                await asyncio.sleep(max(0.0, began + 0.55 - time.monotonic()))
+                client.sendall(message(1002))  # read, buffered, then the reset
+                await until(lambda: len(server.connections) == 0, timeout=0.3)
+                assert buffered(server) == sent + 3
+                with pytest.raises(OSError):  # so the client sends it again elsewhere
+                    client.sendall(message(1003))
+            assert closes("reset") == resets + 1
+
+    run(main)
