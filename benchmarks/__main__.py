@@ -131,6 +131,13 @@ def _add_load_and_service(parser: argparse.ArgumentParser, defaults: RunConfig) 
     )  # fmt: skip
 
 
+def _add_peer_bin(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--peer-bin", type=Path, metavar="PATH",
+        help="Fluent Bit's executable (default: ../shared/peers/fluent-bit)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description="Benchmarks of the aggregator."
@@ -166,14 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the aggregator, run this peer with the same load and sink; print both "
         "and their ratios",
     )  # fmt: skip
-    peers.add_argument(
-        "--peer-bin", type=Path, metavar="PATH",
-        help="the peer's executable (default: ../shared/peers/fluent-bit)",
-    )  # fmt: skip
+    _add_peer_bin(peers)
     peers.add_argument(
         "--against", metavar="SETTING=VALUE", type=_against, action="append",
         help="instead of a peer, the aggregator with a setting changed (repeat for several): "
-        "buffer=memory|file, limits=on|off, filters=none|KIND,... or source=DIR (another "
+        "buffer=memory|file, limits=on|off, filters=none|KIND,..., trickle_read_delay=DURATION "
+        "or source=DIR (another "
         "checkout's aggregator: a before/after) (e.g. --buffer file --against buffer=memory: "
         "what the file buffer costs)",
     )  # fmt: skip
@@ -214,10 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--levels", type=_levels, default=FLOOR_LEVELS, metavar="LEVEL,...",
         help=f"which floors ({','.join(FLOOR_LEVELS)})",
     )  # fmt: skip
-    floor.add_argument(
-        "--peer-bin", type=Path, metavar="PATH",
-        help="Fluent Bit's executable (default: ../shared/peers/fluent-bit)",
-    )  # fmt: skip
+    _add_peer_bin(floor)
     floor.add_argument(
         "--pairs", type=_positive_int, default=1, metavar="N",
         help="N rounds, every other one in reverse order; medians",
