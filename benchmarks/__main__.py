@@ -123,7 +123,7 @@ def _add_load_and_service(parser: argparse.ArgumentParser, defaults: RunConfig) 
     )  # fmt: skip
     service.add_argument(
         "--trickle-read-delay", default=defaults.trickle_read_delay, metavar="DURATION",
-        help="the forward input's trickle_read_delay (%(default)s: every write read at once)",
+        help="the forward input's trickle_read_delay (%(default)s; 0s: every write read at once)",
     )  # fmt: skip
     service.add_argument(
         "--filters", type=_filters, default=(), metavar="KIND,...",

@@ -49,8 +49,8 @@ class RunConfig:
     """[limits] on, never limiting (to measure what counting costs)."""
     filters: tuple[str, ...] = ()
     """Filters every event goes through, in this order (each keeps every event)."""
-    trickle_read_delay: str = "0s"
-    """The forward input's trickle_read_delay (0s: every write read at once, the default)."""
+    trickle_read_delay: str = "50ms"
+    """The forward input's trickle_read_delay (its default; 0s: every write read at once)."""
     source: Path | None = None
     """Another checkout whose ``aggregator`` package runs instead (a before/after)."""
     stall_at: float | None = None

@@ -184,15 +184,15 @@ class ForwardSource(Strict):
         ": a sender trickling bytes (slowloris) cannot hold a connection and its buffer forever.",
     )
     trickle_read_delay: Duration = Field(
-        0,
+        0.05,
         ge=0,
         le=1,
         description="On a connection without acks that sends under 256 KiB/s (Docker's driver "
         "writes every line on its own), wait this long after each read before the next, so "
         "that one read takes many lines: 50ms takes about 40% off the CPU per event in that "
         "shape, for at most that much added latency. Connections with acks, faster ones, a "
-        "message in progress and closing connections are read at once. 0 (the default): "
-        "every write is read at once.",
+        "message in progress and closing connections are read at once. 0: every write is "
+        "read at once.",
     )
     idle_timeout: Duration | None = Field(
         3600.0,
