@@ -208,11 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     floor = commands.add_parser(
         "floor",
-        help="the least Python on uvloop can spend on a load, beside Fluent Bit's and ours",
-        description="Under the same load: Fluent Bit, the aggregator, and servers that do less "
-        "than any forward server can (read only; and decode and ack; and one JSON encoding per "
-        "message). Prints CPU-s per million events and ratios to Fluent Bit's. Exit status 1 "
-        "when a run lost events.",
+        help="the least Python on uvloop spends reading every write at once, beside Fluent "
+        "Bit's and ours",
+        description="Under the same load: Fluent Bit, the aggregator, and servers that read "
+        "every write at once and do less with it than any forward server can (read only; and "
+        "decode and ack; and one JSON encoding per message). Prints CPU-s per million events "
+        "and ratios to Fluent Bit's. Exit status 1 when a run lost events.",
     )
     _add_load_and_service(floor, defaults)
     floor.add_argument(

@@ -110,10 +110,11 @@ class RunConfig:
             yield "--fleet is message mode at a set --rate (a few hundred lines/s a connection)"
         if not (self.fail_rate <= 1 and self.throttle_rate <= 1):
             yield "fail and throttle rates are probabilities (0 to 1)"
-        try:
-            parse_duration(self.flush_interval)
-        except ValueError as exc:
-            yield str(exc)
+        for name in ("flush_interval", "trickle_read_delay"):
+            try:
+                parse_duration(getattr(self, name))
+            except ValueError as exc:
+                yield str(exc)
         for name in ("chunk_limit", "total_limit"):
             try:
                 parse_size(getattr(self, name))

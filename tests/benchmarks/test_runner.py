@@ -106,6 +106,10 @@ def test_bad_settings_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> N
         main(["run", "--stall-at", "1"])
     assert exited.value.code == 2
     assert "stall_at and stall_for go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--trickle-read-delay", "soon"])
+    assert exited.value.code == 2
+    assert "invalid duration 'soon'" in capsys.readouterr().err
 
 
 def test_a_peer_takes_the_same_load_and_is_compared(tmp_path: Path) -> None:
