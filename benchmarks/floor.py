@@ -5,7 +5,7 @@ A CPU target against Fluent Bit is only reachable if Python on uvloop can meet i
 floor servers here read every write as it arrives, as Fluent Bit does, and do less with it than
 any real server could, each level adding one step no forward server can skip:
 
-- ``read``: uvloop reads every byte and drops it (a Python callback per read, nothing else);
+- ``read``: uvloop reads every byte, counts and drops it (a Python callback per read, an add);
 - ``decode``: msgpack finds every message and decodes it (no server can find where a message
   ends, or ack it, without this), PackedForward's entries included, and acks a message that
   asks;
@@ -57,6 +57,7 @@ START_TIMEOUT = 15.0
 
 class _Counts:
     events = 0
+    bytes = 0
 
 
 class _FloorProtocol(asyncio.Protocol):
@@ -71,6 +72,7 @@ class _FloorProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._level == "read":
+            self._counts.bytes += len(data)
             return
         self._unpacker.feed(data)
         for message in self._unpacker:
@@ -102,7 +104,7 @@ async def _serve(level: str) -> None:
     print(json.dumps({"port": port}), flush=True)
     await stop.wait()
     server.close()
-    print(json.dumps({"events": counts.events}), flush=True)
+    print(json.dumps({"events": counts.events, "bytes": counts.bytes}), flush=True)
 
 
 # --- measuring ---------------------------------------------------------------------------
@@ -145,10 +147,12 @@ def measure_floor(level: str, spec: LoadSpec) -> Figure:
             server.kill()
             server.wait()
     problem = None
-    if level != "read":  # the read floor decodes nothing: it cannot count events
-        counted = json.loads(tail.strip().splitlines()[-1])["events"]
-        if counted != sent.events:
-            problem = f"read {counted:,} of {sent.events:,} events"
+    counted = json.loads(tail.strip().splitlines()[-1])
+    if level == "read":  # it decodes nothing: it counts bytes, not events
+        if counted["bytes"] != sent.bytes:
+            problem = f"read {counted['bytes']:,} of {sent.bytes:,} bytes"
+    elif counted["events"] != sent.events:
+        problem = f"read {counted['events']:,} of {sent.events:,} events"
     if sent.errors:
         problem = "; ".join(sent.errors)
     return Figure(f"floor: {level}", used / max(sent.events, 1) * 1e6, problem)

@@ -25,16 +25,16 @@ def spec(mode: Mode, ack: bool, one_per_write: bool = False) -> LoadSpec:
 )  # fmt: skip
 def test_a_floor_server_reads_and_acks_every_event(mode: Mode, ack: bool, level: str) -> None:
     """An event the floor misses (a mode it decodes wrongly, an ack it never sends: the sender
-    then stops) is a problem: its figure would be too low to bound anything."""
+    then stops) is a problem: its figure would be too low to bound anything. (Its CPU figure is
+    not checked: a second of this load can take less than one clock tick, 10 ms.)"""
     figure = measure_floor(level, spec(mode, ack))
     assert figure.problem is None
     assert figure.name == f"floor: {level}"
-    assert figure.seconds_per_million > 0
 
 
-def test_the_read_floor_takes_a_write_per_message() -> None:
+def test_the_read_floor_reads_every_byte_of_a_write_per_message() -> None:
     figure = measure_floor("read", spec("message", False, one_per_write=True))
-    assert figure.problem is None and figure.seconds_per_million > 0
+    assert figure.problem is None
 
 
 def test_the_table_gives_medians_and_ratios_to_fluent_bit() -> None:
