@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Collection, Iterator
+from typing import Any, Generic, Protocol, TypeVar
 
 from aggregator import metrics
 
@@ -43,12 +43,21 @@ class ConnectionSet(Generic[C]):
             self._connections.remove(conn)
             self._gauge.dec()
 
-    async def drain(self, cause: str, until: float) -> None:
+    async def drain(
+        self, cause: str, until: float, joining: Collection[asyncio.Task[Any]] = ()
+    ) -> None:
         """Close every connection at its first safe moment; those still open at ``until`` (a
-        time.monotonic() time) are closed at once."""
+        time.monotonic() time) are closed at once. ``joining``: connections being made (a TLS
+        handshake, say) that begin closing once they join; those not made by ``until`` are
+        cancelled."""
+        await asyncio.sleep(0)  # connections the loop has just accepted join first
         for conn in list(self._connections):
             conn.begin_close(cause)
-        while self._connections and time.monotonic() < until:
+        while (
+            self._connections or not all(task.done() for task in joining)
+        ) and time.monotonic() < until:
             await asyncio.sleep(POLL_INTERVAL)
+        for task in joining:
+            task.cancel()
         for conn in list(self._connections):
             conn.force_close()

@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import random
 import socket
+import ssl
 import time
 from typing import Any, cast
 
@@ -152,6 +154,8 @@ class ForwardConnection(asyncio.Protocol):
             age *= 1 - random.random() * settings.max_connection_age_jitter
             self._later("max_age", age, self.begin_close, "max_age")
         self._server.connections.add(self)
+        if self._server.stopping:  # taken from the accept queue at the stop
+            self.begin_close("stop")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
@@ -480,9 +484,12 @@ class ForwardServer:
         self.auth_warning = Throttle(BAD_INPUT_WARNING_INTERVAL)
         self.security = security_of(settings)
         self._m_refused = metrics.CONNECTIONS_REFUSED.labels(settings.name)
+        self.stopping = False
         self._server: asyncio.Server | None = None
+        self._tls: ssl.SSLContext | None = None
         self._heartbeat: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._adopting: list[asyncio.Task[Any]] = []  # connections taken from the accept queue
 
     def refuse_connection(self, peer: str) -> None:
         self._m_refused.inc()
@@ -507,6 +514,7 @@ class ForwardServer:
     async def start(self, listener: Listener | None = None) -> None:
         loop = asyncio.get_running_loop()
         tls = server_context(self.settings.tls) if self.settings.tls is not None else None
+        self._tls = tls
         if listener is not None:
             self._server = await loop.create_server(
                 lambda: ForwardConnection(self), sock=listener.tcp, ssl=tls
@@ -543,12 +551,48 @@ class ForwardServer:
                     conn.begin_close("idle")
 
     def stop_accepting(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._server is not None:
-            self._server.close()
+            self._close_listener(self._server)
         if self._heartbeat is not None:
             self._heartbeat.close()
 
+    def _close_listener(self, server: asyncio.Server) -> None:
+        """Stop listening without resetting what the kernel has queued.
+
+        Closing a listening socket resets the connections in its accept queue (completed by the
+        kernel, not yet accepted by the loop), and a client without acks has already written
+        into one: that write would be lost. So a copy of the socket keeps it listening while
+        the loop's is closed; the queue is emptied from the copy, and the copy is closed right
+        after the accept that finds it empty (what completes in between, microseconds, is still
+        reset). The connections taken close at their safe moment like the others."""
+        listening = socket.socket(fileno=os.dup(server.sockets[0].fileno()))
+        server.close()
+        loop = asyncio.get_running_loop()
+        with listening:
+            listening.setblocking(False)
+            while True:
+                try:
+                    conn, _ = listening.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # out of descriptors, say: what is left is reset
+                    log.error(f"stopping: cannot accept a queued connection: {exc}",
+                              extra={"source": self.settings.name})  # fmt: skip
+                    break
+                adopt = loop.connect_accepted_socket(
+                    lambda: ForwardConnection(self), conn, ssl=self._tls
+                )
+                self._adopting.append(loop.create_task(adopt))
+        if self._adopting:
+            log.info(
+                "stopping: connections taken from the accept queue",
+                extra={"source": self.settings.name, "connections": len(self._adopting)},
+            )
+
     async def drain(self, until: float) -> None:
-        await self.connections.drain("stop", until)
+        await self.connections.drain("stop", until, joining=self._adopting)

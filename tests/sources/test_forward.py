@@ -5,11 +5,15 @@ and max_connection_age."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import socket
+import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -501,5 +505,60 @@ def test_a_held_connection_is_read_at_once_when_it_is_to_close() -> None:
                 with pytest.raises(OSError):  # so the client sends it again elsewhere
                     client.sendall(message(1003))
             assert closes("reset") == resets + 1
+
+    run(main)
+
+
+def test_a_connection_still_in_the_accept_queue_at_the_stop_is_read_then_reset() -> None:
+    """A connection the kernel completed but the loop has not accepted when the stop closes the
+    listener would be reset by that close, and a client without acks would lose the write it
+    already made. It is accepted, read, and closed at its safe moment like the others."""
+
+    async def main() -> None:
+        async with serve(config()) as server:
+            resets = closes("reset")
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.sendall(message(1))  # no await since: the loop has not accepted it
+                server.stop_accepting()
+                await server.drain(time.monotonic() + 2)
+                assert buffered(server) == 1
+                assert len(server.connections) == 0
+                with pytest.raises(OSError):  # so the client sends it again elsewhere
+                    for i in range(2, 100):
+                        client.sendall(message(i))
+                        await asyncio.sleep(0.01)
+            assert closes("reset") == resets + 1
+
+    run(main)
+
+
+def test_a_tls_connection_still_in_the_accept_queue_joins_the_stop_after_its_handshake(
+    certificate: tuple[Path, Path],
+) -> None:
+    """Its handshake only starts once the stop has taken it from the queue: the drain waits for
+    it, then reads what the client sent and resets the connection."""
+    cert, key = certificate
+    client_tls = ssl.create_default_context(cafile=str(cert))
+
+    def client(sock: socket.socket) -> None:
+        with client_tls.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            tls.sendall(message(1))
+            with contextlib.suppress(OSError):
+                while tls.recv(4096):
+                    pass
+
+    async def main() -> None:
+        cfg = config(tls={"cert_path": str(cert), "private_key_path": str(key)})
+        async with serve(cfg) as server:
+            resets = closes("reset")
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            thread = threading.Thread(target=client, args=(sock,))
+            thread.start()  # its ClientHello waits in the queued connection
+            server.stop_accepting()
+            await server.drain(time.monotonic() + 3)
+            await asyncio.to_thread(thread.join, 5)
+            assert buffered(server) == 1
+            assert len(server.connections) == 0
+            assert closes("reset") == resets + 1  # at its safe moment, not at the deadline
 
     run(main)
