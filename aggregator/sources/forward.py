@@ -587,11 +587,20 @@ class ForwardServer:
                 adopt = loop.connect_accepted_socket(
                     lambda: ForwardConnection(self), conn, ssl=self._tls
                 )
-                self._adopting.append(loop.create_task(adopt))
+                task = loop.create_task(adopt)
+                task.add_done_callback(self._adopted)
+                self._adopting.append(task)
         if self._adopting:
             log.info(
                 "stopping: connections taken from the accept queue",
                 extra={"source": self.settings.name, "connections": len(self._adopting)},
+            )
+
+    def _adopted(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.info(  # a TLS handshake that failed, say: the client learns it as well
+                f"stopping: a connection taken from the accept queue failed: {exc!r}",
+                extra={"source": self.settings.name},
             )
 
     async def drain(self, until: float) -> None:

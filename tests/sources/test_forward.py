@@ -533,10 +533,11 @@ def test_a_connection_still_in_the_accept_queue_at_the_stop_is_read_then_reset()
 
 
 def test_a_tls_connection_still_in_the_accept_queue_joins_the_stop_after_its_handshake(
-    certificate: tuple[Path, Path],
+    certificate: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Its handshake only starts once the stop has taken it from the queue: the drain waits for
-    it, then reads what the client sent and resets the connection."""
+    it, then reads what the client sent and resets the connection. One whose handshake fails is
+    logged."""
     cert, key = certificate
     client_tls = ssl.create_default_context(cafile=str(cert))
 
@@ -554,11 +555,16 @@ def test_a_tls_connection_still_in_the_accept_queue_joins_the_stop_after_its_han
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
             thread = threading.Thread(target=client, args=(sock,))
             thread.start()  # its ClientHello waits in the queued connection
+            bad = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            bad.sendall(b"\x16\x03\x01" + b"\x00" * 50)  # not a TLS hello
             server.stop_accepting()
             await server.drain(time.monotonic() + 3)
             await asyncio.to_thread(thread.join, 5)
+            bad.close()
             assert buffered(server) == 1
             assert len(server.connections) == 0
             assert closes("reset") == resets + 1  # at its safe moment, not at the deadline
 
-    run(main)
+    with caplog.at_level("INFO", logger="aggregator.sources.forward"):
+        run(main)
+    assert "taken from the accept queue failed" in caplog.text
